@@ -1,0 +1,850 @@
+"""The broker's state machine: packages, resource queues, the dependency DAG and leases.
+
+Pure: no sockets, no files, no clocks. Time comes in as `now` (seconds, the server's wall
+clock); ids come in from the caller. Every change happens by applying a record
+(`records.py`): a live method validates, builds the record and commits it (apply + append to
+`outbox`); recovery calls `apply` with the same records. One code path, so replay cannot
+drift from live behaviour, and the same records always give the same state.
+
+What is *not* durable lives here too, because the ordering rules need it: agents blocked in
+NEXT (`Waiter`, served first come first served) and the packages that just finished (for
+WAIT). Those produce no records of their own; the leases they lead to do.
+
+Invariants, kept here and nowhere else:
+- A resource queue delivers its ready commands in (enqueue sequence, position in package)
+  order. Each command gets a global `order` number at enqueue, assigned in package order,
+  so one integer captures both keys; the ready set is a heap on it. A command that becomes
+  ready later, or comes back from a lost lease, is pushed with its original number and so
+  retakes its place in line. Waiting commands are not in the heap: no head-of-line blocking.
+- A command is WAITING exactly while `unmet > 0`: the number of its dependencies that have
+  not succeeded. Succeeding decrements the dependents' counters (cost: O(dependents)).
+- Dependencies point only at commands that existed when the dependent was added, so the
+  graph is acyclic by construction.
+- Heaps use lazy deletion: an entry is valid only if the command still matches it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import msgpack
+
+from .config import Limits
+from .errors import BrokerError, ErrorCode
+from .records import (
+    CommandCompleted,
+    CommandLeased,
+    CommandsAdded,
+    CommandSpec,
+    LeaseReleased,
+    LeaseTouched,
+    PackageCancelled,
+    PackageCreated,
+    PackageEnqueued,
+    PackageExpired,
+    PackageForgotten,
+    PackageSubmitted,
+    Record,
+    SchemaAnnounced,
+)
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}")
+
+
+class CommandState(StrEnum):
+    STAGED = "staged"
+    WAITING = "waiting"
+    READY = "ready"
+    LEASED = "leased"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class PackageState(StrEnum):
+    OPEN = "open"
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+STAGED = CommandState.STAGED
+WAITING = CommandState.WAITING
+READY = CommandState.READY
+LEASED = CommandState.LEASED
+SUCCEEDED = CommandState.SUCCEEDED
+FAILED = CommandState.FAILED
+CANCELLED = CommandState.CANCELLED
+SETTLED = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+
+@dataclass(slots=True)
+class NewCommand:
+    """A command as a producer asks for it, before it has an id. In SUBMIT a dependency may
+    be an int: the position of an earlier command of the same request."""
+
+    resource: str
+    action: str
+    parameters: dict[str, Any]
+    dependencies: list[str | int]
+
+
+class Command:
+    __slots__ = (
+        "action",
+        "causer",
+        "delivery",
+        "dependencies",
+        "dependents",
+        "id",
+        "lease_deadline",
+        "lease_owner",
+        "order",
+        "package",
+        "parameters",
+        "queue",
+        "reason",
+        "state",
+        "ttr",
+        "unmet",
+    )
+
+    def __init__(self, spec: CommandSpec, package: Package, queue: ResourceQueue) -> None:
+        self.id = spec.id
+        self.package = package
+        self.queue = queue
+        self.action = spec.action
+        self.parameters = spec.parameters
+        self.dependencies = spec.dependencies
+        self.state = STAGED
+        self.reason: str | None = None
+        #: For a command cancelled through a dependency: the failed command at the root.
+        self.causer: str | None = None
+        self.delivery = 0
+        self.order = -1
+        self.unmet = 0
+        self.dependents: list[Command] | None = None
+        self.lease_owner: int | None = None
+        self.lease_deadline: float | None = None
+        self.ttr: float | None = None
+
+    @property
+    def resource(self) -> str:
+        return self.queue.name
+
+    def delivered(self) -> dict[str, Any]:
+        """The command as NEXT returns it."""
+        return {
+            "id": self.id,
+            "package": self.package.id,
+            "resource": self.queue.name,
+            "action": self.action,
+            "parameters": self.parameters,
+            "dependencies": list(self.dependencies),
+            "delivery": self.delivery,
+            "ttr": self.ttr,
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": "command",
+            "id": self.id,
+            "package": self.package.id,
+            "resource": self.queue.name,
+            "action": self.action,
+            "state": self.state.value,
+            "reason": self.reason,
+            "delivery": self.delivery,
+        }
+
+
+class Package:
+    __slots__ = (
+        "cancel_requested",
+        "causer",
+        "commands",
+        "counts",
+        "created_at",
+        "enqueued",
+        "expired",
+        "finished_at",
+        "id",
+        "reason",
+        "unsettled",
+    )
+
+    def __init__(self, package_id: str, created_at: float) -> None:
+        self.id = package_id
+        self.created_at = created_at
+        self.commands: list[Command] = []
+        self.counts: dict[CommandState, int] = dict.fromkeys(CommandState, 0)
+        self.unsettled = 0
+        self.enqueued = False
+        self.cancel_requested = False
+        self.expired = False
+        self.finished_at: float | None = None
+        self.causer: str | None = None
+        self.reason: str | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return not (self.enqueued or self.cancel_requested or self.expired)
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+    @property
+    def state(self) -> PackageState:
+        if self.expired:
+            return PackageState.EXPIRED
+        if self.causer is not None:
+            return PackageState.FAILED
+        if self.cancel_requested and (self.counts[CANCELLED] or not self.enqueued):
+            return PackageState.CANCELLED
+        if not self.enqueued:
+            return PackageState.OPEN
+        if self.finished:
+            return PackageState.SUCCEEDED
+        return PackageState.PENDING
+
+    def status(self, with_commands: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": "package",
+            "id": self.id,
+            "state": self.state.value,
+            "finished": self.finished,
+            "causer": self.causer,
+            "reason": self.reason,
+            "counts": {s.value: n for s, n in self.counts.items()},
+        }
+        if with_commands:
+            out["commands"] = [c.status() for c in self.commands]
+        return out
+
+
+class Waiter:
+    """An agent blocked in NEXT. `token` is the server's handle for the reply."""
+
+    __slots__ = ("owner", "queue", "token", "ttr")
+
+    def __init__(self, token: object, owner: int | None, ttr: float | None) -> None:
+        self.token = token
+        self.owner = owner
+        self.ttr = ttr
+        #: The queue the waiter is parked on; None while not parked.
+        self.queue: ResourceQueue | None = None
+
+
+class ResourceQueue:
+    __slots__ = ("leased", "name", "ready", "ready_heap", "waiters", "waiting")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        #: (order, command) of ready commands, plus stale entries skipped on pop.
+        self.ready_heap: list[tuple[int, Command]] = []
+        self.ready = 0
+        self.waiting = 0
+        self.leased = 0
+        #: Agents blocked in NEXT, first come first served. Few per queue: removal is O(n).
+        self.waiters: deque[Waiter] = deque()
+
+    def pop_ready(self) -> Command | None:
+        heap = self.ready_heap
+        while heap:
+            order, cmd = heapq.heappop(heap)
+            if cmd.state is READY and cmd.order == order:
+                return cmd
+        return None
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "ready": self.ready,
+            "waiting": self.waiting,
+            "leased": self.leased,
+            "agents": len(self.waiters),
+        }
+
+
+#: Validates a command against an announced schema: (schema, action, parameters) -> problem
+#: or None. Injected so the core does not depend on the agent framework's schema module.
+SchemaCheck = Callable[[dict[str, Any], str, dict[str, Any]], str | None]
+
+
+def _no_schema_check(schema: dict[str, Any], action: str, parameters: dict[str, Any]) -> None:
+    return None
+
+
+class Broker:
+    """The whole broker state. Live methods raise `BrokerError` and change nothing on bad
+    input; on success they append their records to `outbox` for the server to log."""
+
+    def __init__(self, limits: Limits | None = None, schema_check: SchemaCheck | None = None):
+        self.limits = limits or Limits()
+        self.schema_check = schema_check or _no_schema_check
+        self.packages: dict[str, Package] = {}
+        self.commands: dict[str, Command] = {}
+        self.queues: dict[str, ResourceQueue] = {}
+        self.schemas: dict[str, dict[str, Any]] = {}
+        self.next_order = 0
+        #: Records committed since the server last drained them.
+        self.outbox: list[Record] = []
+        #: (waiter, command) pairs leased to blocked agents since the last drain.
+        self.deliveries: list[tuple[Waiter, Command]] = []
+        #: Packages that finished since the last drain (for WAIT).
+        self.finished: list[Package] = []
+        self._dirty: set[ResourceQueue] = set()
+        self._owner_leases: dict[int, set[Command]] = {}
+        # Deadline heaps, lazily cleaned: (when, tiebreak, key).
+        self._lease_heap: list[tuple[float, int, Command]] = []
+        self._ttl_heap: list[tuple[float, str]] = []
+        self._retention_heap: list[tuple[float, str]] = []
+        self._tiebreak = 0
+        #: The time of the record being applied (finish times come from it).
+        self._now = 0.0
+
+    # ------------------------------------------------------------------ lookups
+
+    def _package(self, package_id: str) -> Package:
+        pkg = self.packages.get(package_id)
+        if pkg is None:
+            raise BrokerError(ErrorCode.NOT_FOUND, f"no package {package_id}")
+        if pkg.expired:
+            raise BrokerError(ErrorCode.NOT_FOUND, f"package {package_id} expired")
+        return pkg
+
+    def _command(self, command_id: str) -> Command:
+        cmd = self.commands.get(command_id)
+        if cmd is None:
+            raise BrokerError(ErrorCode.NOT_FOUND, f"no command {command_id}")
+        return cmd
+
+    def queue(self, name: str) -> ResourceQueue:
+        q = self.queues.get(name)
+        if q is None:
+            q = self.queues[name] = ResourceQueue(name)
+        return q
+
+    # ------------------------------------------------------------------ live: producers
+
+    def _commit(self, rec: Record) -> None:
+        self.apply(rec)
+        self.outbox.append(rec)
+
+    def new_package(self, package_id: str, now: float) -> None:
+        self._commit(PackageCreated(package_id, now))
+
+    def add_commands(
+        self, package_id: str, commands: list[NewCommand], ids: list[str], now: float
+    ) -> list[str]:
+        """ADD one or many commands to an open package, all or nothing."""
+        pkg = self._package(package_id)
+        if not pkg.is_open:
+            raise BrokerError(ErrorCode.NOT_OPEN, f"package {package_id} is {pkg.state.value}")
+        specs = self._check_commands(commands, ids, len(pkg.commands), pkg)
+        self._commit(CommandsAdded(package_id, specs, now))
+        return [s.id for s in specs]
+
+    def enqueue(self, package_id: str, now: float) -> list[str]:
+        pkg = self._package(package_id)
+        if not pkg.is_open:
+            raise BrokerError(ErrorCode.NOT_OPEN, f"package {package_id} is {pkg.state.value}")
+        if not pkg.commands:
+            raise BrokerError(ErrorCode.EMPTY_PACKAGE, f"package {package_id} has no commands")
+        for cmd in pkg.commands:
+            for dep in cmd.dependencies:
+                if dep not in self.commands:
+                    raise BrokerError(
+                        ErrorCode.UNKNOWN_DEPENDENCY,
+                        f"command {cmd.id} depends on {dep}, which has been forgotten",
+                    )
+        self._commit(PackageEnqueued(package_id, now))
+        self._dispatch(now)
+        return [c.id for c in pkg.commands]
+
+    def submit(
+        self, package_id: str, commands: list[NewCommand], ids: list[str], now: float
+    ) -> list[str]:
+        """NEW + ADD + ENQUEUE as one record."""
+        if not commands:
+            raise BrokerError(ErrorCode.EMPTY_PACKAGE, "SUBMIT needs at least one command")
+        specs = self._check_commands(commands, ids, 0, None)
+        self._commit(PackageSubmitted(package_id, specs, now))
+        self._dispatch(now)
+        return [s.id for s in specs]
+
+    def _check_commands(
+        self, commands: list[NewCommand], ids: list[str], existing: int, pkg: Package | None
+    ) -> tuple[CommandSpec, ...]:
+        limits = self.limits
+        if existing + len(commands) > limits.max_commands_per_package:
+            raise BrokerError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"a package holds at most {limits.max_commands_per_package} commands",
+            )
+        specs: list[CommandSpec] = []
+        own = {c.id for c in pkg.commands} if pkg is not None and commands else set()
+        for i, nc in enumerate(commands):
+            where = f"command {i}: " if len(commands) > 1 else ""
+            self._check_command(nc, where)
+            deps: list[str] = []
+            for dep in nc.dependencies:
+                if isinstance(dep, int):
+                    if not 0 <= dep < i:
+                        raise BrokerError(
+                            ErrorCode.UNKNOWN_DEPENDENCY,
+                            f"{where}dependency #{dep} is not an earlier command of this request",
+                        )
+                    deps.append(ids[dep])
+                    continue
+                if dep not in own and not self._enqueued_command(dep):
+                    raise BrokerError(
+                        ErrorCode.UNKNOWN_DEPENDENCY,
+                        f"{where}dependency {dep} names no command of this package "
+                        "or of an enqueued package",
+                    )
+                deps.append(dep)
+            specs.append(CommandSpec(ids[i], nc.resource, nc.action, nc.parameters, tuple(deps)))
+            own.add(ids[i])
+        return tuple(specs)
+
+    def _enqueued_command(self, command_id: str) -> bool:
+        cmd = self.commands.get(command_id)
+        return cmd is not None and cmd.package.enqueued
+
+    def _check_command(self, nc: NewCommand, where: str) -> None:
+        for field, value in (("resource", nc.resource), ("action", nc.action)):
+            if not NAME_RE.fullmatch(value):
+                raise BrokerError(
+                    ErrorCode.BAD_REQUEST,
+                    f"{where}{field} {value!r} must be 1-128 characters of letters, "
+                    "digits and _ . : @ / -",
+                )
+        for key in nc.parameters:
+            if not isinstance(key, str):
+                raise BrokerError(
+                    ErrorCode.BAD_REQUEST, f"{where}parameter names must be strings, not {key!r}"
+                )
+        size = len(msgpack.packb(nc.parameters, use_bin_type=True))
+        if size > self.limits.max_parameter_bytes:
+            raise BrokerError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"{where}parameters take {size} bytes, "
+                f"more than the limit of {self.limits.max_parameter_bytes}",
+            )
+        schema = self.schemas.get(nc.resource)
+        if schema is not None:
+            problem = self.schema_check(schema, nc.action, nc.parameters)
+            if problem is not None:
+                raise BrokerError(
+                    ErrorCode.INVALID_COMMAND, f"{where}{nc.resource} {nc.action}: {problem}"
+                )
+
+    def cancel(self, package_id: str, now: float) -> int:
+        """CANCEL: every command not yet delivered is cancelled; returns how many."""
+        pkg = self._package(package_id)
+        cancellable = sum(1 for c in pkg.commands if c.state in (STAGED, WAITING, READY))
+        if pkg.finished or (pkg.cancel_requested and not cancellable):
+            return 0
+        self._commit(PackageCancelled(package_id, now))
+        return cancellable
+
+    def announce(self, resource: str, schema: dict[str, Any], now: float) -> None:
+        if not NAME_RE.fullmatch(resource):
+            raise BrokerError(ErrorCode.BAD_REQUEST, f"bad resource name {resource!r}")
+        if self.schemas.get(resource) != schema:
+            self._commit(SchemaAnnounced(resource, schema, now))
+
+    # ------------------------------------------------------------------ live: agents
+
+    def next(self, resource: str, waiter: Waiter, now: float, block: bool) -> Command | None:
+        """NEXT: lease the first ready command of `resource` to `waiter`, or park the waiter
+        (when `block`) behind the agents already waiting. Returns the leased command."""
+        if not NAME_RE.fullmatch(resource):
+            raise BrokerError(ErrorCode.BAD_REQUEST, f"bad resource name {resource!r}")
+        q = self.queue(resource)
+        if not q.waiters:
+            cmd = q.pop_ready()
+            if cmd is not None:
+                self._lease(cmd, waiter, now)
+                return cmd
+        if block:
+            waiter.queue = q
+            q.waiters.append(waiter)
+        return None
+
+    def unpark(self, waiter: Waiter) -> None:
+        """A blocked NEXT timed out or its connection closed."""
+        if waiter.queue is not None:
+            waiter.queue.waiters.remove(waiter)
+            waiter.queue = None
+
+    def _lease(self, cmd: Command, waiter: Waiter, now: float) -> None:
+        deadline = None if waiter.ttr is None else now + waiter.ttr
+        owner = waiter.owner if waiter.ttr is None else None
+        cmd.ttr = waiter.ttr
+        self._commit(CommandLeased(cmd.id, cmd.delivery + 1, owner, deadline, now))
+
+    def _dispatch(self, now: float) -> None:
+        """Serve blocked agents from queues that gained ready commands, first come first
+        served. Called at the end of every live method that can make commands ready, so
+        that between requests a queue never has both ready commands and blocked agents."""
+        dirty = self._dirty
+        while dirty:
+            q = dirty.pop()
+            waiters = q.waiters
+            while waiters and q.ready:
+                cmd = q.pop_ready()
+                if cmd is None:  # pragma: no cover - the counter and the heap disagree
+                    raise AssertionError(f"queue {q.name}: ready={q.ready} but none in heap")
+                waiter = waiters.popleft()
+                waiter.queue = None
+                self._lease(cmd, waiter, now)
+                self.deliveries.append((waiter, cmd))
+
+    def touch(
+        self, command_id: str, ttr: float | None, delivery: int | None, now: float
+    ) -> float | None:
+        """TOUCH: restart a ttr lease's clock; returns the ttr now in force."""
+        cmd = self._leased(command_id, delivery)
+        if cmd.lease_deadline is None:
+            return None
+        ttr = cmd.ttr if ttr is None else ttr
+        assert ttr is not None
+        cmd.ttr = ttr
+        self._commit(LeaseTouched(command_id, now + ttr, now))
+        return ttr
+
+    def complete(
+        self, command_id: str, success: bool, reason: str | None, delivery: int | None, now: float
+    ) -> CommandState:
+        self._leased(command_id, delivery)
+        self._commit(CommandCompleted(command_id, success, reason, now))
+        self._dispatch(now)
+        return self.commands[command_id].state
+
+    def _leased(self, command_id: str, delivery: int | None) -> Command:
+        cmd = self._command(command_id)
+        if cmd.state in (SUCCEEDED, FAILED):
+            raise BrokerError(
+                ErrorCode.ALREADY_COMPLETED, f"command {command_id} already {cmd.state.value}"
+            )
+        if cmd.state is not LEASED:
+            raise BrokerError(ErrorCode.NOT_LEASED, f"command {command_id} is {cmd.state.value}")
+        if delivery is not None and delivery != cmd.delivery:
+            raise BrokerError(
+                ErrorCode.STALE_DELIVERY,
+                f"command {command_id} is on delivery {cmd.delivery}, not {delivery}",
+            )
+        return cmd
+
+    def release_owner(self, owner: int, now: float) -> None:
+        """The connection `owner` closed: its connection leases end."""
+        for cmd in sorted(self._owner_leases.pop(owner, ()), key=lambda c: c.order):
+            self._end_lease(cmd, now)
+        self._dispatch(now)
+
+    def recover_leases(self, now: float) -> None:
+        """After a restart no lease is held: every leased command is ready again in its
+        original place, its delivery count kept. Called once, after replay."""
+        leased = [c for c in self.commands.values() if c.state is LEASED]
+        for cmd in sorted(leased, key=lambda c: c.order):
+            self._commit(LeaseReleased(cmd.id, now))
+
+    def _end_lease(self, cmd: Command, now: float) -> None:
+        if cmd.delivery >= self.limits.max_deliveries:
+            reason = (
+                f"lease lost after {cmd.delivery} deliveries "
+                f"(max_deliveries={self.limits.max_deliveries})"
+            )
+            self._commit(CommandCompleted(cmd.id, False, reason, now))
+        else:
+            self._commit(LeaseReleased(cmd.id, now))
+
+    # ------------------------------------------------------------------ live: time
+
+    def tick(self, now: float) -> None:
+        """Expire ttr leases and open packages, forget old finished packages."""
+        heap = self._lease_heap
+        while heap and heap[0][0] <= now:
+            deadline, _, cmd = heapq.heappop(heap)
+            if cmd.state is LEASED and cmd.lease_deadline == deadline:
+                self._end_lease(cmd, now)
+        ttl = self._ttl_heap
+        while ttl and ttl[0][0] <= now:
+            _, package_id = heapq.heappop(ttl)
+            pkg = self.packages.get(package_id)
+            if pkg is not None and pkg.is_open:
+                self._commit(PackageExpired(package_id, now))
+        ret = self._retention_heap
+        while ret and ret[0][0] <= now:
+            _, package_id = heapq.heappop(ret)
+            if package_id in self.packages:
+                self._commit(PackageForgotten(package_id, now))
+        self._dispatch(now)
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which `tick` has work, or None."""
+        heads = [h[0][0] for h in (self._lease_heap, self._ttl_heap, self._retention_heap) if h]
+        return min(heads) if heads else None
+
+    # ------------------------------------------------------------------ queries
+
+    def status(self, any_id: str, with_commands: bool = False) -> dict[str, Any]:
+        pkg = self.packages.get(any_id)
+        if pkg is not None:
+            return pkg.status(with_commands)
+        cmd = self.commands.get(any_id)
+        if cmd is not None:
+            return cmd.status()
+        raise BrokerError(ErrorCode.NOT_FOUND, f"no package or command {any_id}")
+
+    def wait_target(self, package_id: str) -> Package:
+        """The package a WAIT names (expired packages are not found)."""
+        return self._package(package_id)
+
+    def stats(self) -> dict[str, Any]:
+        resources = {name: q.stats() for name, q in sorted(self.queues.items())}
+        totals = {k: sum(r[k] for r in resources.values()) for k in ("ready", "waiting")}
+        totals["leased"] = sum(r["leased"] for r in resources.values())
+        totals["agents"] = sum(r["agents"] for r in resources.values())
+        totals["packages"] = len(self.packages)
+        totals["commands"] = len(self.commands)
+        return {"resources": resources, "totals": totals}
+
+    # ------------------------------------------------------------------ apply
+
+    def apply(self, rec: Record) -> None:
+        """Apply one record. Records are trusted: they were validated when made."""
+        self._now = rec.at
+        match rec:
+            case CommandLeased():
+                self._apply_leased(rec)
+            case CommandCompleted():
+                self._apply_completed(rec)
+            case PackageSubmitted(package_id, specs, at):
+                self._apply_created(package_id, at)
+                self._apply_added(package_id, specs)
+                self._apply_enqueued(package_id)
+            case PackageCreated(package_id, at):
+                self._apply_created(package_id, at)
+            case CommandsAdded(package_id, specs, _):
+                self._apply_added(package_id, specs)
+            case PackageEnqueued(package_id, _):
+                self._apply_enqueued(package_id)
+            case LeaseTouched(command_id, deadline, _):
+                cmd = self.commands[command_id]
+                cmd.lease_deadline = deadline
+                self.schedule_lease_expiry(cmd, deadline)
+            case LeaseReleased(command_id, _):
+                self._apply_released(self.commands[command_id])
+            case PackageCancelled(package_id, at):
+                self._apply_cancelled(self.packages[package_id], at)
+            case PackageExpired(package_id, at):
+                self._apply_expired(self.packages[package_id], at)
+            case PackageForgotten(package_id, _):
+                self._apply_forgotten(self.packages.pop(package_id))
+            case SchemaAnnounced(resource, schema, _):
+                self.schemas[resource] = schema
+
+    def _apply_created(self, package_id: str, at: float) -> None:
+        self.packages[package_id] = Package(package_id, at)
+        self.schedule_expiry(package_id, at)
+
+    def schedule_expiry(self, package_id: str, created_at: float) -> None:
+        heapq.heappush(self._ttl_heap, (created_at + self.limits.package_ttl, package_id))
+
+    def schedule_forget(self, package_id: str, finished_at: float) -> None:
+        heapq.heappush(self._retention_heap, (finished_at + self.limits.retention, package_id))
+
+    def schedule_lease_expiry(self, cmd: Command, deadline: float) -> None:
+        self._tiebreak += 1
+        heapq.heappush(self._lease_heap, (deadline, self._tiebreak, cmd))
+
+    def _apply_added(self, package_id: str, specs: Iterable[CommandSpec]) -> None:
+        pkg = self.packages[package_id]
+        for spec in specs:
+            cmd = Command(spec, pkg, self.queue(spec.resource))
+            self.commands[spec.id] = cmd
+            pkg.commands.append(cmd)
+            pkg.counts[STAGED] += 1
+            pkg.unsettled += 1
+
+    def _apply_enqueued(self, package_id: str) -> None:
+        pkg = self.packages[package_id]
+        pkg.enqueued = True
+        commands = self.commands
+        for cmd in pkg.commands:
+            cmd.order = self.next_order
+            self.next_order += 1
+            unmet = 0
+            dead: Command | None = None
+            for dep_id in cmd.dependencies:
+                dep = commands[dep_id]
+                state = dep.state
+                if state is SUCCEEDED:
+                    continue
+                if state is FAILED or state is CANCELLED:
+                    dead = dep
+                    break
+                unmet += 1
+                if dep.dependents is None:
+                    dep.dependents = [cmd]
+                else:
+                    dep.dependents.append(cmd)
+            if dead is not None:
+                self._cancel_through(cmd, dead)
+                continue
+            cmd.unmet = unmet
+            if unmet:
+                self._move(cmd, WAITING)
+                cmd.queue.waiting += 1
+            else:
+                self._make_ready(cmd)
+
+    def _move(self, cmd: Command, state: CommandState) -> None:
+        counts = cmd.package.counts
+        counts[cmd.state] -= 1
+        counts[state] += 1
+        cmd.state = state
+
+    def _make_ready(self, cmd: Command) -> None:
+        self._move(cmd, READY)
+        q = cmd.queue
+        q.ready += 1
+        heapq.heappush(q.ready_heap, (cmd.order, cmd))
+        self._dirty.add(q)
+
+    def _apply_leased(self, rec: CommandLeased) -> None:
+        cmd = self.commands[rec.command]
+        q = cmd.queue
+        if cmd.state is READY:
+            q.ready -= 1
+            # The live path popped it already; on replay the stale heap entry is skipped
+            # because the command's state is no longer READY.
+        self._move(cmd, LEASED)
+        q.leased += 1
+        cmd.delivery = rec.delivery
+        cmd.lease_owner = rec.owner
+        cmd.lease_deadline = rec.deadline
+        if rec.owner is not None:
+            self._owner_leases.setdefault(rec.owner, set()).add(cmd)
+        if rec.deadline is not None:
+            if cmd.ttr is None:
+                cmd.ttr = rec.deadline - rec.at
+            self.schedule_lease_expiry(cmd, rec.deadline)
+
+    def _drop_lease(self, cmd: Command) -> None:
+        cmd.queue.leased -= 1
+        if cmd.lease_owner is not None:
+            held = self._owner_leases.get(cmd.lease_owner)
+            if held is not None:
+                held.discard(cmd)
+                if not held:
+                    del self._owner_leases[cmd.lease_owner]
+        cmd.lease_owner = None
+        cmd.lease_deadline = None
+
+    def _apply_released(self, cmd: Command) -> None:
+        self._drop_lease(cmd)
+        self._make_ready(cmd)
+
+    def _apply_completed(self, rec: CommandCompleted) -> None:
+        cmd = self.commands[rec.command]
+        self._drop_lease(cmd)
+        cmd.reason = rec.reason
+        if rec.success:
+            self._settle(cmd, SUCCEEDED)
+            for dep in cmd.dependents or ():
+                if dep.state is WAITING:
+                    dep.unmet -= 1
+                    if dep.unmet == 0:
+                        dep.queue.waiting -= 1
+                        self._make_ready(dep)
+        else:
+            self._settle(cmd, FAILED)
+            pkg = cmd.package
+            if pkg.causer is None:
+                pkg.causer = cmd.id
+                pkg.reason = rec.reason
+            self._cascade(cmd)
+        cmd.dependents = None
+
+    def _cascade(self, root: Command) -> None:
+        """Cancel every transitive dependent of `root` (failed or cancelled) still waiting."""
+        stack = [root]
+        while stack:
+            cmd = stack.pop()
+            for dep in cmd.dependents or ():
+                if dep.state is WAITING:
+                    dep.queue.waiting -= 1
+                    self._cancel_through(dep, cmd)
+                    stack.append(dep)
+            cmd.dependents = None
+
+    def _cancel_through(self, cmd: Command, dead: Command) -> None:
+        """Cancel `cmd` because its dependency `dead` failed or was cancelled."""
+        causer = dead.causer or dead.id
+        if dead.state is FAILED:
+            reason = f"dependency {dead.id} failed"
+        else:
+            reason = f"dependency {dead.id} was cancelled"
+        cmd.reason = reason
+        cmd.causer = causer
+        pkg = cmd.package
+        if pkg.causer is None:
+            pkg.causer = causer
+            root = self.commands.get(causer)
+            pkg.reason = f"{reason}: {root.reason}" if root and root.reason else reason
+        self._settle(cmd, CANCELLED)
+
+    def _settle(self, cmd: Command, state: CommandState) -> None:
+        self._move(cmd, state)
+        pkg = cmd.package
+        pkg.unsettled -= 1
+        if pkg.unsettled == 0 and pkg.enqueued:
+            self._finish(pkg)
+
+    def _finish(self, pkg: Package) -> None:
+        pkg.finished_at = self._now
+        self.finished.append(pkg)
+        self.schedule_forget(pkg.id, self._now)
+
+    def _apply_cancelled(self, pkg: Package, at: float) -> None:
+        pkg.cancel_requested = True
+        victims = [c for c in pkg.commands if c.state in (STAGED, WAITING, READY)]
+        for cmd in victims:
+            q = cmd.queue
+            if cmd.state is WAITING:
+                q.waiting -= 1
+            elif cmd.state is READY:
+                q.ready -= 1
+            cmd.reason = "package cancelled"
+            self._move(cmd, CANCELLED)
+            pkg.unsettled -= 1
+        for cmd in victims:
+            self._cascade(cmd)
+        if pkg.unsettled == 0 and not pkg.finished:
+            self._finish(pkg)
+
+    def _apply_expired(self, pkg: Package, at: float) -> None:
+        pkg.expired = True
+        for cmd in pkg.commands:
+            del self.commands[cmd.id]
+        pkg.commands = []
+        pkg.counts = dict.fromkeys(CommandState, 0)
+        pkg.unsettled = 0
+        self._finish(pkg)
+
+    def _apply_forgotten(self, pkg: Package) -> None:
+        for cmd in pkg.commands:
+            self.commands.pop(cmd.id, None)
+            cmd.dependents = None

@@ -1,0 +1,202 @@
+"""Records: the plain description of every durable change the core makes.
+
+The core changes state only by applying a record (`Broker.apply`). A live request makes its
+decision, builds the record, applies it and hands it to the server, which appends it to the
+write-ahead log before replying; recovery applies the same records in the same order and so
+rebuilds the same state. Records therefore carry every input a decision used: ids, times,
+delivery numbers, reasons. Nothing here does IO; `to_wire`/`from_wire` give the msgpack-able
+form (a list whose first element names the record type).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True, frozen=True)
+class CommandSpec:
+    """A command as added to a package; `dependencies` are command ids."""
+
+    id: str
+    resource: str
+    action: str
+    parameters: dict[str, Any]
+    dependencies: tuple[str, ...]
+
+    def to_wire(self) -> list[Any]:
+        return [self.id, self.resource, self.action, self.parameters, list(self.dependencies)]
+
+    @classmethod
+    def from_wire(cls, w: list[Any]) -> CommandSpec:
+        return cls(w[0], w[1], w[2], w[3], tuple(w[4]))
+
+
+@dataclass(slots=True, frozen=True)
+class PackageCreated:
+    package: str
+    at: float
+
+
+@dataclass(slots=True, frozen=True)
+class CommandsAdded:
+    package: str
+    commands: tuple[CommandSpec, ...]
+    at: float
+
+
+@dataclass(slots=True, frozen=True)
+class PackageEnqueued:
+    package: str
+    at: float
+
+
+@dataclass(slots=True, frozen=True)
+class PackageSubmitted:
+    """NEW + ADD + ENQUEUE in one record: the common producer path, one log write."""
+
+    package: str
+    commands: tuple[CommandSpec, ...]
+    at: float
+
+
+@dataclass(slots=True, frozen=True)
+class CommandLeased:
+    command: str
+    delivery: int
+    #: The connection holding a connection lease; None for a ttr lease.
+    owner: int | None
+    #: Absolute expiry of a ttr lease; None for a connection lease.
+    deadline: float | None
+    at: float
+
+
+@dataclass(slots=True, frozen=True)
+class LeaseTouched:
+    command: str
+    deadline: float
+    at: float
+
+
+@dataclass(slots=True, frozen=True)
+class LeaseReleased:
+    """A lease ended without COMPLETE; the command is ready again in its original place."""
+
+    command: str
+    at: float
+
+
+@dataclass(slots=True, frozen=True)
+class CommandCompleted:
+    command: str
+    success: bool
+    reason: str | None
+    at: float
+
+
+@dataclass(slots=True, frozen=True)
+class PackageCancelled:
+    package: str
+    at: float
+
+
+@dataclass(slots=True, frozen=True)
+class PackageExpired:
+    package: str
+    at: float
+
+
+@dataclass(slots=True, frozen=True)
+class PackageForgotten:
+    """A finished or expired package leaves memory after the retention period."""
+
+    package: str
+    at: float
+
+
+@dataclass(slots=True, frozen=True)
+class SchemaAnnounced:
+    """An agent announced the actions and parameters its resource accepts."""
+
+    resource: str
+    schema: dict[str, Any]
+    at: float
+
+
+Record = (
+    PackageCreated
+    | CommandsAdded
+    | PackageEnqueued
+    | PackageSubmitted
+    | CommandLeased
+    | LeaseTouched
+    | LeaseReleased
+    | CommandCompleted
+    | PackageCancelled
+    | PackageExpired
+    | PackageForgotten
+    | SchemaAnnounced
+)
+
+
+def to_wire(rec: Record) -> list[Any]:
+    """The msgpack-able form of a record: [tag, field, ...]."""
+    match rec:
+        case PackageCreated(p, at):
+            return ["created", p, at]
+        case CommandsAdded(p, cmds, at):
+            return ["added", p, [c.to_wire() for c in cmds], at]
+        case PackageEnqueued(p, at):
+            return ["enqueued", p, at]
+        case PackageSubmitted(p, cmds, at):
+            return ["submitted", p, [c.to_wire() for c in cmds], at]
+        case CommandLeased(c, delivery, owner, deadline, at):
+            return ["leased", c, delivery, owner, deadline, at]
+        case LeaseTouched(c, deadline, at):
+            return ["touched", c, deadline, at]
+        case LeaseReleased(c, at):
+            return ["released", c, at]
+        case CommandCompleted(c, success, reason, at):
+            return ["completed", c, success, reason, at]
+        case PackageCancelled(p, at):
+            return ["cancelled", p, at]
+        case PackageExpired(p, at):
+            return ["expired", p, at]
+        case PackageForgotten(p, at):
+            return ["forgotten", p, at]
+        case SchemaAnnounced(r, schema, at):
+            return ["announced", r, schema, at]
+    raise TypeError(f"not a record: {rec!r}")
+
+
+def from_wire(w: list[Any]) -> Record:
+    """Inverse of `to_wire`; raises ValueError on an unknown tag or shape."""
+    try:
+        tag = w[0]
+        if tag == "created":
+            return PackageCreated(w[1], w[2])
+        if tag == "added":
+            return CommandsAdded(w[1], tuple(CommandSpec.from_wire(c) for c in w[2]), w[3])
+        if tag == "enqueued":
+            return PackageEnqueued(w[1], w[2])
+        if tag == "submitted":
+            return PackageSubmitted(w[1], tuple(CommandSpec.from_wire(c) for c in w[2]), w[3])
+        if tag == "leased":
+            return CommandLeased(w[1], w[2], w[3], w[4], w[5])
+        if tag == "touched":
+            return LeaseTouched(w[1], w[2], w[3])
+        if tag == "released":
+            return LeaseReleased(w[1], w[2])
+        if tag == "completed":
+            return CommandCompleted(w[1], w[2], w[3], w[4])
+        if tag == "cancelled":
+            return PackageCancelled(w[1], w[2])
+        if tag == "expired":
+            return PackageExpired(w[1], w[2])
+        if tag == "forgotten":
+            return PackageForgotten(w[1], w[2])
+        if tag == "announced":
+            return SchemaAnnounced(w[1], w[2], w[3])
+    except (IndexError, TypeError) as exc:
+        raise ValueError(f"malformed record {w!r}: {exc}") from exc
+    raise ValueError(f"unknown record tag {w[0]!r}")
