@@ -1,0 +1,567 @@
+"""The asyncio server: glue between sockets, the codec, the core and the log.
+
+It owns no broker logic. Each connection feeds its bytes to a sans-IO `ServerCodec`, hands
+the requests to the verb handlers below (argument reading in `requests.py`, decisions in
+`core.py`), and writes the encoded replies. After every batch of work (one `data_received`,
+one timer, one disconnect) `_after_batch` drains what the core produced: records go to the
+journal, deliveries to blocked agents and finished packages to WAIT become replies.
+
+Durability rule (Redis' AE_BARRIER lesson): a reply never leaves before the records
+appended so far are durable. A reply made while records are still in flight is held on its
+connection with the log position it needs, and released by the commit that covers it.
+Replies on one connection therefore leave in the order they were made.
+
+Lifecycle: `Server.start` opens the data dir (locked), the listeners and the tick timer;
+`Server.stop` stops accepting, answers blocked NEXT and WAIT with `shutting_down`, flushes
+and closes. `run(config)` is the process entry: uvloop when importable, SIGINT/SIGTERM stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+from . import PROTOCOL_VERSION, __version__, requests
+from .codec import TEXT_USAGE, BadInput, Mode, Request, ServerCodec
+from .config import ServerConfig
+from .core import Broker, Command, NewCommand, Waiter
+from .errors import BrokerError, ErrorCode
+from .ids import IdGenerator
+
+log = logging.getLogger("spinbroker.server")
+
+Handler = Callable[["Connection", Request], None]
+
+
+class Blocked:
+    """A NEXT or WAIT that has not been answered yet."""
+
+    __slots__ = ("conn", "package", "req", "timer", "waiter")
+
+    def __init__(self, conn: Connection, req: Request) -> None:
+        self.conn = conn
+        self.req = req
+        self.timer: asyncio.TimerHandle | None = None
+        self.waiter: Waiter | None = None
+        self.package: str | None = None
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class Connection(asyncio.Protocol):
+    """One client. Text mode is strictly sequential (a blocked request holds the lines after
+    it); msgpack mode keeps reading while NEXT and WAIT are blocked."""
+
+    def __init__(self, server: Server, conn_id: int) -> None:
+        self.server = server
+        self.id = conn_id
+        self.codec = ServerCodec(server.config.limits.max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.blocked: set[Blocked] = set()
+        #: Text mode: requests read but not handled while an earlier one is blocked.
+        self.backlog: deque[Request | BadInput] = deque()
+        #: Replies waiting for the log position they need: (lsn, bytes).
+        self.held: deque[tuple[int, bytes]] = deque()
+        self.out: list[bytes] = []
+        self.closing = False
+        self.inflight = 0
+        self._read_paused_by: set[str] = set()
+
+    # asyncio callbacks -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        if not self.server.admit(self):
+            return
+        self.server.connections[self.id] = self
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        server = self.server
+        self.codec.receive_data(data)
+        self.backlog.extend(self.codec.next_events())
+        self._drain_backlog()
+        server.after_batch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        if self.server.connections.get(self.id) is self:
+            self.server.disconnected(self)
+
+    def pause_writing(self) -> None:
+        self._pause_reading("write-buffer")
+
+    def resume_writing(self) -> None:
+        self._resume_reading("write-buffer")
+
+    # request flow ------------------------------------------------------------
+
+    def _drain_backlog(self) -> None:
+        server = self.server
+        text = self.codec.mode is Mode.TEXT
+        limit = server.config.limits.max_inflight
+        while self.backlog and not self.closing:
+            if text and self.blocked:
+                return
+            if self.inflight >= limit:
+                self._pause_reading("inflight")
+                return
+            event = self.backlog.popleft()
+            self.inflight += 1
+            if isinstance(event, BadInput):
+                self.reply_error(event.id, event.verb, event.error)
+                if event.fatal:
+                    self.close_after_flush()
+                continue
+            server.handle(self, event)
+
+    def reply(self, req: Request, kind: str, body: Any) -> None:
+        self._emit(self.codec.encode_reply(req, kind, body))
+
+    def reply_error(self, req_id: int | None, verb: str | None, err: BrokerError) -> None:
+        self._emit(self.codec.encode_error(req_id, verb, err))
+
+    def _emit(self, data: bytes) -> None:
+        self.inflight -= 1
+        server = self.server
+        if server.appended_lsn > server.durable_lsn or self.held:
+            self.held.append((server.appended_lsn, data))
+        else:
+            self.out.append(data)
+        server.dirty.add(self)
+
+    def release(self, durable_lsn: int) -> None:
+        held = self.held
+        while held and held[0][0] <= durable_lsn:
+            self.out.append(held.popleft()[1])
+
+    def flush(self) -> None:
+        if self.out and self.transport is not None and not self.transport.is_closing():
+            data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
+            self.transport.write(data)
+        self.out.clear()
+        if self.closing and not self.held and self.transport is not None:
+            self.transport.close()
+        elif self.inflight < self.server.config.limits.max_inflight:
+            self._resume_reading("inflight")
+        if self.codec.mode is Mode.TEXT and not self.blocked and self.backlog:
+            # A blocked text request was answered: carry on with the lines behind it.
+            self.server.loop.call_soon(self._continue_text)
+
+    def _continue_text(self) -> None:
+        if not self.closing:
+            self._drain_backlog()
+            self.server.after_batch()
+
+    def close_after_flush(self) -> None:
+        self.closing = True
+        self.backlog.clear()
+        self.server.dirty.add(self)
+
+    def _pause_reading(self, why: str) -> None:
+        if not self._read_paused_by and self.transport is not None:
+            self.transport.pause_reading()
+        self._read_paused_by.add(why)
+
+    def _resume_reading(self, why: str) -> None:
+        if why in self._read_paused_by:
+            self._read_paused_by.discard(why)
+            if not self._read_paused_by and self.transport is not None:
+                self.transport.resume_reading()
+
+
+class Server:
+    def __init__(self, config: ServerConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.core = Broker(config.limits)
+        self.new_id = IdGenerator()
+        self.connections: dict[int, Connection] = {}
+        self.dirty: set[Connection] = set()
+        self.appended_lsn = 0
+        self.durable_lsn = 0
+        self.waits: dict[str, list[Blocked]] = {}
+        self.tcp_port: int | None = None
+        self.loop: asyncio.AbstractEventLoop  # set by start()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._next_conn = 0
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._tick_at: float | None = None
+        self._lock_fd: int | None = None
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self.handlers: dict[str, Handler] = {
+            "HELLO": self._hello,
+            "PING": self._ping,
+            "NEW": self._new,
+            "ADD": self._add,
+            "ENQUEUE": self._enqueue,
+            "SUBMIT": self._submit,
+            "STATUS": self._status,
+            "WAIT": self._wait,
+            "NEXT": self._next,
+            "TOUCH": self._touch,
+            "COMPLETE": self._complete,
+            "CANCEL": self._cancel,
+            "STATS": self._stats,
+            "HELP": self._help,
+            "QUIT": self._quit,
+        }
+
+    @property
+    def socket_path(self) -> Path:
+        return self.config.socket_path
+
+    # lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        data_dir = self.config.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_data_dir(data_dir)
+        await self._listen_unix(self.socket_path)
+        if self.config.tcp is not None:
+            host, port = self.config.tcp
+            srv = await self.loop.create_server(self._make_connection, host, port)
+            self._servers.append(srv)
+            self.tcp_port = srv.sockets[0].getsockname()[1]
+            log.info("listening on tcp %s:%d", host, self.tcp_port)
+        self._schedule_tick()
+
+    def _lock_data_dir(self, data_dir: Path) -> None:
+        fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"data dir {data_dir} is in use by another broker") from None
+        self._lock_fd = fd
+
+    async def _listen_unix(self, path: Path) -> None:
+        if path.exists():
+            # We hold the data dir lock, so a socket file left here is stale.
+            path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            srv = await self.loop.create_unix_server(self._make_connection, str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        self._servers.append(srv)
+        log.info("listening on unix %s", path)
+
+    def _make_connection(self) -> Connection:
+        self._next_conn += 1
+        return Connection(self, self._next_conn)
+
+    def admit(self, conn: Connection) -> bool:
+        """Refuse a connection over the limit (or while stopping) with one text error line:
+        its mode is not known yet, and a line is what a person or a log can read."""
+        if len(self.connections) < self.config.limits.max_connections and not self._stopping:
+            return True
+        code = ErrorCode.SHUTTING_DOWN if self._stopping else ErrorCode.LIMIT_EXCEEDED
+        msg = "broker is stopping" if self._stopping else "too many connections"
+        assert conn.transport is not None
+        conn.closing = True
+        conn.transport.write(f"ERR {code.value} {msg}\n".encode())
+        conn.transport.close()
+        return False
+
+    async def serve_forever(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        for srv in self._servers:
+            srv.close()
+        err = BrokerError(ErrorCode.SHUTTING_DOWN, "broker is stopping")
+        for conn in list(self.connections.values()):
+            for blocked in list(conn.blocked):
+                self._unblock(blocked)
+                conn.reply_error(blocked.req.id, blocked.req.verb, err)
+            conn.close_after_flush()
+        self.after_batch()
+        for srv in self._servers:
+            with contextlib.suppress(Exception):
+                await srv.wait_closed()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._stopped.set()
+
+    # the batch boundary ----------------------------------------------------------
+
+    def after_batch(self) -> None:
+        """Drain what the core produced, log it, and write the replies it allows."""
+        core = self.core
+        if core.outbox:
+            self.appended_lsn += len(core.outbox)
+            core.outbox.clear()
+            # Until the write-ahead log lands, records are durable once made.
+            self.durable_lsn = self.appended_lsn
+        if core.deliveries:
+            deliveries, core.deliveries = core.deliveries, []
+            for waiter, cmd in deliveries:
+                self._deliver(waiter, cmd)
+        if core.finished:
+            finished, core.finished = core.finished, []
+            for pkg in finished:
+                for blocked in self.waits.pop(pkg.id, ()):
+                    self._unblock(blocked)
+                    blocked.conn.reply(blocked.req, "ok", pkg.status())
+        dirty, self.dirty = self.dirty, set()
+        for conn in dirty:
+            conn.release(self.durable_lsn)
+            conn.flush()
+        self._schedule_tick()
+
+    def _deliver(self, waiter: Waiter, cmd: Command) -> None:
+        blocked = waiter.token
+        assert isinstance(blocked, Blocked)
+        self._unblock(blocked)
+        blocked.conn.reply(blocked.req, "ok", cmd.delivered())
+
+    def _unblock(self, blocked: Blocked) -> None:
+        blocked.cancel_timer()
+        blocked.conn.blocked.discard(blocked)
+        if blocked.waiter is not None:
+            self.core.unpark(blocked.waiter)
+        if blocked.package is not None:
+            waits = self.waits.get(blocked.package)
+            if waits is not None and blocked in waits:
+                waits.remove(blocked)
+                if not waits:
+                    del self.waits[blocked.package]
+
+    def disconnected(self, conn: Connection) -> None:
+        self.connections.pop(conn.id, None)
+        self.dirty.discard(conn)
+        for blocked in list(conn.blocked):
+            self._unblock(blocked)
+        self.core.release_owner(conn.id, self.clock())
+        if not self._stopping:
+            self.after_batch()
+
+    def _schedule_tick(self) -> None:
+        when = self.core.next_deadline()
+        if when is None or (self._tick_at is not None and self._tick_at <= when):
+            return
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        self._tick_at = when
+        delay = max(0.0, when - self.clock())
+        self._tick_handle = self.loop.call_later(delay, self._tick)
+
+    def _tick(self) -> None:
+        self._tick_handle = None
+        self._tick_at = None
+        self.core.tick(self.clock())
+        self.after_batch()
+
+    # requests ------------------------------------------------------------------
+
+    def handle(self, conn: Connection, req: Request) -> None:
+        handler = self.handlers.get(req.verb)
+        try:
+            if handler is None:
+                raise BrokerError(
+                    ErrorCode.UNKNOWN_VERB, f"unknown verb {req.verb!r}; HELP lists the verbs"
+                )
+            handler(conn, req)
+        except BrokerError as err:
+            conn.reply_error(req.id, req.verb, err)
+        except Exception as exc:  # a bug: answer it, log it, keep serving everyone else
+            log.exception("internal error handling %s", req.verb)
+            conn.reply_error(req.id, req.verb, BrokerError(ErrorCode.INTERNAL, repr(exc)))
+
+    def _hello(self, conn: Connection, req: Request) -> None:
+        body = {
+            "server": "spinbroker",
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "mode": conn.codec.mode.value if conn.codec.mode else None,
+            "limits": self.config.limits.to_wire(),
+        }
+        conn.reply(req, "ok", body)
+
+    def _ping(self, conn: Connection, req: Request) -> None:
+        conn.reply(req, "ok", "pong")
+
+    def _help(self, conn: Connection, req: Request) -> None:
+        conn.reply(req, "ok", list(TEXT_USAGE.values()))
+
+    def _quit(self, conn: Connection, req: Request) -> None:
+        conn.reply(req, "ok", "bye")
+        conn.close_after_flush()
+
+    def _new(self, conn: Connection, req: Request) -> None:
+        package_id = self.new_id()
+        self.core.new_package(package_id, self.clock())
+        conn.reply(req, "ok", {"package": package_id})
+
+    def _add(self, conn: Connection, req: Request) -> None:
+        args = req.args
+        package_id = requests.string(args, "package")
+        many = "commands" in args
+        commands: list[NewCommand]
+        if many:
+            commands = requests.command_list(args, positions=False)
+        else:
+            commands = [requests.new_command(args)]
+        ids = self.new_id.many(len(commands))
+        self.core.add_commands(package_id, commands, ids, self.clock())
+        conn.reply(req, "ok", {"commands": ids} if many else {"command": ids[0]})
+
+    def _enqueue(self, conn: Connection, req: Request) -> None:
+        ids = self.core.enqueue(requests.string(req.args, "package"), self.clock())
+        conn.reply(req, "ok", {"commands": ids})
+
+    def _submit(self, conn: Connection, req: Request) -> None:
+        commands = requests.command_list(req.args, positions=True)
+        package_id = self.new_id()
+        ids = self.new_id.many(len(commands))
+        self.core.submit(package_id, commands, ids, self.clock())
+        conn.reply(req, "ok", {"package": package_id, "commands": ids})
+
+    def _status(self, conn: Connection, req: Request) -> None:
+        args = req.args
+        with_commands = requests.boolean(args, "commands", False)
+        conn.reply(req, "ok", self.core.status(requests.string(args, "id"), with_commands))
+
+    def _wait(self, conn: Connection, req: Request) -> None:
+        package_id = requests.string(req.args, "package")
+        timeout = requests.seconds(req.args, "timeout")
+        pkg = self.core.wait_target(package_id)
+        if pkg.finished:
+            conn.reply(req, "ok", pkg.status())
+            return
+        if timeout == 0:
+            conn.reply(req, "empty", None)
+            return
+        blocked = Blocked(conn, req)
+        blocked.package = package_id
+        self.waits.setdefault(package_id, []).append(blocked)
+        self._block(conn, blocked, timeout)
+
+    def _next(self, conn: Connection, req: Request) -> None:
+        args = req.args
+        resource = requests.string(args, "resource")
+        timeout = requests.seconds(args, "timeout")
+        ttr = requests.positive_seconds(args, "ttr")
+        blocked = Blocked(conn, req)
+        waiter = Waiter(blocked, conn.id, ttr)
+        block = timeout != 0
+        cmd = self.core.next(resource, waiter, self.clock(), block)
+        if cmd is not None:
+            conn.reply(req, "ok", cmd.delivered())
+            return
+        if not block:
+            conn.reply(req, "empty", None)
+            return
+        blocked.waiter = waiter
+        self._block(conn, blocked, timeout)
+
+    def _block(self, conn: Connection, blocked: Blocked, timeout: float | None) -> None:
+        conn.blocked.add(blocked)
+        if timeout is not None:
+            blocked.timer = self.loop.call_later(timeout, self._timed_out, blocked)
+
+    def _timed_out(self, blocked: Blocked) -> None:
+        blocked.timer = None
+        if blocked not in blocked.conn.blocked:
+            return
+        self._unblock(blocked)
+        blocked.conn.reply(blocked.req, "empty", None)
+        self.after_batch()
+
+    def _touch(self, conn: Connection, req: Request) -> None:
+        args = req.args
+        command_id = requests.string(args, "command")
+        ttr = requests.positive_seconds(args, "ttr")
+        delivery = requests.optional_int(args, "delivery")
+        in_force = self.core.touch(command_id, ttr, delivery, self.clock())
+        conn.reply(req, "ok", {"command": command_id, "ttr": in_force})
+
+    def _complete(self, conn: Connection, req: Request) -> None:
+        args = req.args
+        command_id = requests.string(args, "command")
+        success = requests.boolean(args, "success")
+        reason = requests.optional_str(args, "reason")
+        delivery = requests.optional_int(args, "delivery")
+        state = self.core.complete(command_id, success, reason, delivery, self.clock())
+        conn.reply(req, "ok", {"command": command_id, "state": state.value})
+
+    def _cancel(self, conn: Connection, req: Request) -> None:
+        package_id = requests.string(req.args, "package")
+        n = self.core.cancel(package_id, self.clock())
+        conn.reply(req, "ok", {"package": package_id, "cancelled": n})
+
+    def _stats(self, conn: Connection, req: Request) -> None:
+        body = self.core.stats()
+        body["connections"] = len(self.connections)
+        conn.reply(req, "ok", body)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at run time
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+async def _serve(config: ServerConfig) -> int:
+    server = Server(config)
+    try:
+        await server.start()
+    except (OSError, RuntimeError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: loop.create_task(server.stop()))
+    log.info("spinbroker %s ready (data dir %s)", __version__, config.data_dir)
+    await server.serve_forever()
+    log.info("stopped")
+    return 0
+
+
+def run(config: ServerConfig) -> int:
+    """Run a broker until SIGINT or SIGTERM; the process exit code."""
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        return runner.run(_serve(config))
+
+
+def free_tcp_port() -> int:
+    """A free loopback port (for tests and benchmarks that need one up front)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

@@ -1,0 +1,354 @@
+"""A real server on real sockets: what only integration can show.
+
+Text sessions are typed as a person would with nc; msgpack sessions are raw frames. Every
+bad-input test also checks that the broker still serves another client afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import pytest
+
+from spinbroker.config import Limits
+from spinbroker.server import Server
+
+from .conftest import RawMsgpack, TextClient
+
+Connect = Callable[..., Any]
+
+
+async def still_serving(raw: Connect) -> None:
+    other: RawMsgpack = await raw()
+    assert await other.ok("PING") == "pong"
+    await other.close()
+
+
+# --------------------------------------------------------------------------- text mode
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+async def test_text_session_walkthrough(text: Connect, tcp: bool) -> None:
+    """The original example typed into nc: build, enqueue, take in dependency order."""
+    c: TextClient = await text(tcp)
+    pkg = await c.ok("NEW")
+    vol = await c.ok(f"ADD {pkg} storage add_volume path=test")
+    img = await c.ok(
+        f"ADD {pkg} storage create_image volume_path=test image_name=test.raw "
+        f"image_size=50 --dep {vol}"
+    )
+    cfg = await c.ok(
+        f'ADD {pkg} emulation write_config id=1 vm={{"Name": "vm1", "Cpus": 2, '
+        f'"Images": [{{"Path": "test/test.raw", "Cdrom": false}}]}} --dep {img}'
+    )
+    start = await c.ok(f"ADD {pkg} emulation start id=1 --dep {cfg}")
+    assert await c.ok_json(f"ENQUEUE {pkg}") == [vol, img, cfg, start]
+
+    assert await c.say("NEXT emulation 0") == "EMPTY"  # write_config waits on storage
+    got = await c.ok_json("NEXT storage 0")
+    assert (got["id"], got["action"], got["parameters"]) == (vol, "add_volume", {"path": "test"})
+    assert await c.say("NEXT storage 0") == "EMPTY"  # create_image waits on add_volume
+    await c.ok(f"COMPLETE {vol} true")
+    got = await c.ok_json("NEXT storage 0")
+    assert got["id"] == img
+    assert got["parameters"]["image_size"] == 50  # an int, typed from text
+    await c.ok(f"COMPLETE {img} true")
+    got = await c.ok_json("NEXT emulation 0")
+    assert got["parameters"]["vm"]["Images"][0]["Cdrom"] is False
+    await c.ok(f"COMPLETE {cfg} true")
+    got = await c.ok_json("NEXT emulation 0")
+    assert got["id"] == start
+    done = await c.ok_json(f"COMPLETE {start} true")
+    assert done == {"command": start, "state": "succeeded"}
+    status = await c.ok_json(f"STATUS {pkg}")
+    assert (status["state"], status["finished"]) == ("succeeded", True)
+    assert await c.say("QUIT") == "OK bye"
+    assert await c.reader.read() == b""
+
+
+async def test_text_errors_keep_the_connection(text: Connect) -> None:
+    c: TextClient = await text()
+    assert (await c.say("FROB")).startswith("ERR unknown_verb ")
+    assert (await c.say("ENQUEUE")).startswith("ERR bad_request ")
+    assert (await c.say("ENQUEUE nope")).startswith("ERR not_found ")
+    assert (await c.say("STATUS nope")).startswith("ERR not_found ")
+    assert (await c.say("COMPLETE nope true")).startswith("ERR not_found ")
+    assert (await c.say("COMPLETE x maybe")).startswith("ERR bad_request ")
+    pkg = await c.ok("NEW")
+    assert (await c.say(f"ADD {pkg} storage add_volume --dep nope")).startswith(
+        "ERR unknown_dependency "
+    )
+    assert (await c.say(f"ADD {pkg} 'bad name' x")).startswith("ERR bad_request ")
+    assert (await c.say(f"ENQUEUE {pkg}")).startswith("ERR empty_package ")
+    cmd = await c.ok(f"ADD {pkg} storage add_volume path=a")
+    await c.ok(f"ENQUEUE {pkg}")
+    assert (await c.say(f"ENQUEUE {pkg}")).startswith("ERR not_open ")
+    assert (await c.say(f"COMPLETE {cmd} true")).startswith("ERR not_leased ")
+    await c.ok("NEXT storage 0")
+    assert (await c.say(f"COMPLETE {cmd} true --delivery 7")).startswith("ERR stale_delivery ")
+    await c.ok(f"COMPLETE {cmd} true")
+    assert (await c.say(f"COMPLETE {cmd} true")).startswith("ERR already_completed ")
+    assert await c.say("PING") == "PONG"
+
+
+async def test_text_oversize_line_is_skipped(make_server: Connect) -> None:
+    server: Server = await make_server(Limits(max_frame=1024))
+    r, w = await asyncio.open_unix_connection(str(server.socket_path))
+    c = TextClient(r, w)
+    await c.send(b"PING " + b"x" * 5000 + b"\n")
+    assert (await c.line()).startswith("ERR too_large ")
+    assert await c.say("PING") == "PONG"
+    await c.close()
+    await server.stop()
+
+
+async def test_text_blocked_next_holds_later_lines(text: Connect) -> None:
+    agent: TextClient = await text()
+    await agent.send("NEXT storage")
+    await agent.send("PING")
+    producer: TextClient = await text()
+    reply = await producer.ok_json('SUBMIT [{"resource":"storage","action":"add_volume"}]')
+    got = await agent.ok_json("")  # the NEXT reply comes first, then PING's
+    assert got["id"] == reply["commands"][0]
+    assert await agent.line() == "PONG"
+
+
+async def test_unix_socket_is_private(server: Server) -> None:
+    mode = stat.S_IMODE(os.stat(server.socket_path).st_mode)
+    assert mode == 0o600
+
+
+# --------------------------------------------------------------------------- msgpack mode
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+async def test_msgpack_submit_next_complete_wait(raw: Connect, tcp: bool) -> None:
+    producer: RawMsgpack = await raw(tcp)
+    agent: RawMsgpack = await raw(tcp)
+    params = {"n": 1, "f": 1.5, "b": b"\x00\xff", "l": [1, "x"], "m": {"k": None}, "t": True}
+    body = await producer.ok(
+        "SUBMIT",
+        {
+            "commands": [
+                {"resource": "r", "action": "first", "parameters": params},
+                {"resource": "r", "action": "second", "dependencies": [0]},
+            ]
+        },
+    )
+    pkg, (first, second) = body["package"], body["commands"]
+    wait_id = producer.send("WAIT", {"package": pkg})
+    got = await agent.ok("NEXT", {"resource": "r"})
+    assert got["id"] == first
+    assert got["parameters"] == params  # every type survives the trip
+    await agent.ok("COMPLETE", {"command": first, "success": True})
+    got = await agent.ok("NEXT", {"resource": "r"})
+    assert got["id"] == second and got["dependencies"] == [first]
+    await agent.ok("COMPLETE", {"command": second, "success": False, "reason": "boom"})
+    msg = await producer.reply()
+    assert msg[0] == wait_id and msg[1] == "ok"
+    assert msg[2]["state"] == "failed"
+    assert (msg[2]["causer"], msg[2]["reason"]) == (second, "boom")
+
+
+async def test_msgpack_replies_match_ids_when_pipelined(raw: Connect) -> None:
+    c: RawMsgpack = await raw()
+    blocked = c.send("NEXT", {"resource": "idle", "timeout": 0.05})
+    ids = [c.send("PING") for _ in range(200)]
+    replies = [await c.reply() for _ in range(201)]
+    assert [m[0] for m in replies[:200]] == ids  # non-blocking replies in request order
+    assert replies[200] == [blocked, "empty", None]  # the blocked one comes last
+
+
+async def test_next_timeout_is_empty_not_error(raw: Connect) -> None:
+    c: RawMsgpack = await raw()
+    assert await c.call("NEXT", {"resource": "r", "timeout": 0}) == [1, "empty", None]
+    msg = await c.call("NEXT", {"resource": "r", "timeout": 0.01})
+    assert msg[1:] == ["empty", None]
+    assert await c.ok("PING") == "pong"
+
+
+async def test_blocked_agents_are_served_first_come_first_served(raw: Connect) -> None:
+    agents: list[RawMsgpack] = [await raw() for _ in range(3)]
+    for a in agents:
+        a.send("NEXT", {"resource": "fifo"})
+        assert await a.ok("PING") == "pong"  # the NEXT is parked before the next agent's
+    producer: RawMsgpack = await raw()
+    body = await producer.ok(
+        "SUBMIT", {"commands": [{"resource": "fifo", "action": f"a{i}"} for i in range(3)]}
+    )
+    for a, cmd in zip(agents, body["commands"], strict=True):
+        msg = await a.reply()
+        assert msg[2]["id"] == cmd
+
+
+async def test_connection_lease_redelivered_when_agent_vanishes(raw: Connect) -> None:
+    producer: RawMsgpack = await raw()
+    body = await producer.ok("SUBMIT", {"commands": [{"resource": "r", "action": "x"}]})
+    agent: RawMsgpack = await raw()
+    got = await agent.ok("NEXT", {"resource": "r"})
+    assert got["delivery"] == 1
+    await agent.close()  # dies mid-command
+    second: RawMsgpack = await raw()
+    got = await second.ok("NEXT", {"resource": "r", "timeout": 5})
+    assert (got["id"], got["delivery"]) == (body["commands"][0], 2)
+
+
+async def test_ttr_lease_outlives_connection_and_complete_from_elsewhere(raw: Connect) -> None:
+    producer: RawMsgpack = await raw()
+    body = await producer.ok("SUBMIT", {"commands": [{"resource": "r", "action": "x"}]})
+    agent: RawMsgpack = await raw()
+    got = await agent.ok("NEXT", {"resource": "r", "ttr": 300})
+    await agent.close()
+    assert (await producer.call("NEXT", {"resource": "r", "timeout": 0}))[1] == "empty"
+    done = await producer.ok("COMPLETE", {"command": got["id"], "success": True})
+    assert done["state"] == "succeeded"
+    status = await producer.ok("STATUS", {"id": body["package"]})
+    assert status["state"] == "succeeded"
+
+
+async def test_ttr_lease_expires_and_is_redelivered(raw: Connect) -> None:
+    producer: RawMsgpack = await raw()
+    await producer.ok("SUBMIT", {"commands": [{"resource": "r", "action": "x"}]})
+    agent: RawMsgpack = await raw()
+    first = await agent.ok("NEXT", {"resource": "r", "ttr": 0.05})
+    again = await agent.ok("NEXT", {"resource": "r", "timeout": 5})  # woken by the expiry
+    assert again["id"] == first["id"] and again["delivery"] == 2
+    msg = await agent.call("COMPLETE", {"command": first["id"], "success": True, "delivery": 1})
+    assert msg[1] == "error" and msg[2]["code"] == "stale_delivery"
+
+
+async def test_agent_vanishing_while_blocked(raw: Connect) -> None:
+    gone: RawMsgpack = await raw()
+    gone.send("NEXT", {"resource": "r"})
+    assert await gone.ok("PING") == "pong"
+    await gone.close()
+    producer: RawMsgpack = await raw()
+    body = await producer.ok("SUBMIT", {"commands": [{"resource": "r", "action": "x"}]})
+    stats = await producer.ok("STATS")
+    assert stats["resources"]["r"]["ready"] == 1  # not leased to the dead agent
+    agent: RawMsgpack = await raw()
+    got = await agent.ok("NEXT", {"resource": "r", "timeout": 0})
+    assert got["id"] == body["commands"][0] and got["delivery"] == 1
+
+
+async def test_cancel_and_wait(raw: Connect) -> None:
+    c: RawMsgpack = await raw()
+    body = await c.ok(
+        "SUBMIT",
+        {
+            "commands": [
+                {"resource": "r", "action": "a"},
+                {"resource": "r", "action": "b", "dependencies": [0]},
+            ]
+        },
+    )
+    wait_id = c.send("WAIT", {"package": body["package"], "timeout": 5})
+    assert await c.ok("CANCEL", {"package": body["package"]}) == {
+        "package": body["package"],
+        "cancelled": 2,
+    }
+    msg = await c.reply()
+    assert msg[0] == wait_id and msg[2]["state"] == "cancelled" and msg[2]["finished"]
+
+
+async def test_stop_answers_blocked_requests(make_server: Connect) -> None:
+    server: Server = await make_server()
+    r, w = await asyncio.open_unix_connection(str(server.socket_path))
+    c = RawMsgpack(r, w)
+    nxt = c.send("NEXT", {"resource": "r"})
+    assert await c.ok("PING") == "pong"
+    await server.stop()
+    msg = await c.reply()
+    assert msg[0] == nxt and msg[1] == "error" and msg[2]["code"] == "shutting_down"
+    assert await c.closed()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+async def test_malformed_msgpack_closes_only_that_connection(raw: Connect) -> None:
+    c: RawMsgpack = await raw()
+    c.send_raw(b"\x91\xc1")  # a one-element array holding a never-used byte
+    msg = await c.reply()
+    assert msg[1] == "error" and msg[2]["code"] == "malformed"
+    assert await c.closed()
+    await still_serving(raw)
+
+
+async def test_wrong_shapes_and_types_keep_the_connection(raw: Connect) -> None:
+    c: RawMsgpack = await raw()
+    c.send_raw(msgpack.packb(["not-an-id", "PING"]))
+    assert (await c.reply())[2]["code"] == "bad_request"
+    for verb, args in [
+        ("FROB", {}),
+        ("ENQUEUE", {}),
+        ("ENQUEUE", {"package": 5}),
+        ("NEXT", {"resource": "r", "timeout": "soon"}),
+        ("NEXT", {"resource": "r", "ttr": -1}),
+        ("COMPLETE", {"command": "x", "success": "yes"}),
+        ("SUBMIT", {"commands": []}),
+        ("SUBMIT", {"commands": [{"resource": "r"}]}),
+        ("SUBMIT", {"commands": [{"resource": "r", "action": "a", "parameters": [1]}]}),
+        ("SUBMIT", {"commands": [{"resource": "r", "action": "a", "dependencies": [0]}]}),
+    ]:
+        msg = await c.call(verb, args)
+        assert msg[1] == "error", (verb, args, msg)
+        expected = {"FROB": "unknown_verb"}.get(verb, "bad_request")
+        if verb == "SUBMIT" and args["commands"] and "dependencies" in args["commands"][0]:
+            expected = "unknown_dependency"
+        assert msg[2]["code"] == expected, (verb, args, msg)
+    assert await c.ok("PING") == "pong"
+
+
+async def test_oversize_frame_closes_connection(make_server: Connect) -> None:
+    server: Server = await make_server(Limits(max_frame=4096))
+    r, w = await asyncio.open_unix_connection(str(server.socket_path))
+    c = RawMsgpack(r, w)
+    c.send(
+        "SUBMIT", {"commands": [{"resource": "r", "action": "a", "parameters": {"x": "y" * 10000}}]}
+    )
+    msg = await c.reply()
+    assert msg[1] == "error" and msg[2]["code"] == "too_large"
+    assert await c.closed()
+    r2, w2 = await asyncio.open_unix_connection(str(server.socket_path))
+    assert await RawMsgpack(r2, w2).ok("PING") == "pong"
+    w2.close()
+    await server.stop()
+
+
+async def test_client_vanishing_mid_frame(raw: Connect) -> None:
+    c: RawMsgpack = await raw()
+    frame = msgpack.packb([1, "SUBMIT", {"commands": [{"resource": "r", "action": "a"}]}])
+    c.send_raw(frame[: len(frame) // 2])
+    await c.writer.drain()
+    await c.close()
+    other: RawMsgpack = await raw()
+    stats = await other.ok("STATS")
+    assert stats["totals"]["commands"] == 0  # half a request did nothing
+
+
+async def test_connection_limit(make_server: Connect) -> None:
+    server: Server = await make_server(Limits(max_connections=2))
+    conns = [await asyncio.open_unix_connection(str(server.socket_path)) for _ in range(2)]
+    for r, w in conns:
+        assert await RawMsgpack(r, w).ok("PING") == "pong"
+    r, w = await asyncio.open_unix_connection(str(server.socket_path))
+    line = await asyncio.wait_for(r.readline(), 5)
+    assert line.startswith(b"ERR limit_exceeded")
+    assert await r.read() == b""
+    for _, w in conns:
+        w.close()
+    await server.stop()
+
+
+async def test_data_dir_is_locked(make_server: Connect, server: Server) -> None:
+    from spinbroker.config import ServerConfig
+
+    twin = Server(ServerConfig(data_dir=server.config.data_dir, tcp=None))
+    with pytest.raises(RuntimeError, match="in use"):
+        await twin.start()
