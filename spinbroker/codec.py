@@ -6,8 +6,10 @@ the mode; msgpack mode reads one value per request and checks its shape
 `textmode` for its grammar. It also encodes replies and errors for the connection's mode.
 
 It must never touch a socket, an event loop or a clock, and never judge what a request
-means (unknown verbs, argument values, ids): that is the server's and the core's job. It
-must never raise on bad input either: whatever a client sends becomes a `BadInput` event.
+means (unknown verbs, argument names and values): that is the server's and the core's
+job; in msgpack mode it checks the shape and the id range only, so the hot path stays one
+unpack and a few type checks per request. It must never raise on bad input either:
+whatever a client sends becomes a `BadInput` event.
 """
 
 from __future__ import annotations
@@ -108,14 +110,13 @@ def _unpack_failure(exc: Exception, max_frame: int) -> BrokerError:
 class ServerCodec:
     """One connection's codec. Feed it with `receive_data`, collect `next_events`.
 
-    `receive_data(b"")` means the peer finished sending (h11's convention): a last text
-    line without a newline is still read; later data is ignored.
+    There is no end-of-input event: a connection that closes mid-frame or mid-line has
+    nobody left to answer, so its unfinished bytes are simply dropped with the codec.
     """
 
     __slots__ = (
         "_buf",
         "_dead",
-        "_eof",
         "_fed",
         "_frame_start",
         "_lines",
@@ -133,7 +134,6 @@ class ServerCodec:
         self.mode: Mode | None = None
         self._max_frame = max_frame
         self._dead = False  # a fatal event was emitted: yield nothing more
-        self._eof = False
         # msgpack mode. The Unpacker's buffer is bounded by max_frame, so bytes it cannot
         # take yet wait in `_pending` (zero-copy views) until values are drained.
         self._unpacker: Any = None
@@ -149,13 +149,7 @@ class ServerCodec:
     # Input -------------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
-        if self._dead or self._eof:
-            return
-        if not data:
-            self._eof = True
-            if self.mode is Mode.TEXT and self._buf and not self._skipping:
-                self._lines.append(self._buf)
-                self._buf = bytearray()
+        if self._dead or not data:
             return
         if self.mode is None:
             self._choose_mode(data[0])

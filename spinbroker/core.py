@@ -84,6 +84,7 @@ SUCCEEDED = CommandState.SUCCEEDED
 FAILED = CommandState.FAILED
 CANCELLED = CommandState.CANCELLED
 SETTLED = frozenset({SUCCEEDED, FAILED, CANCELLED})
+_ZERO_COUNTS: dict[CommandState, int] = dict.fromkeys(CommandState, 0)
 
 
 @dataclass(slots=True)
@@ -185,7 +186,7 @@ class Package:
         self.id = package_id
         self.created_at = created_at
         self.commands: list[Command] = []
-        self.counts: dict[CommandState, int] = dict.fromkeys(CommandState, 0)
+        self.counts: dict[CommandState, int] = _ZERO_COUNTS.copy()
         self.unsettled = 0
         self.enqueued = False
         self.cancel_requested = False
@@ -257,12 +258,15 @@ class ResourceQueue:
         #: Agents blocked in NEXT, first come first served. Few per queue: removal is O(n).
         self.waiters: deque[Waiter] = deque()
 
-    def pop_ready(self) -> Command | None:
+    def first_ready(self) -> Command | None:
+        """The ready command first in line, after dropping stale heap entries. It stays in
+        the heap: leasing it (in `apply`) takes it out, so that live and replay agree."""
         heap = self.ready_heap
         while heap:
-            order, cmd = heapq.heappop(heap)
+            order, cmd = heap[0]
             if cmd.state is READY and cmd.order == order:
                 return cmd
+            heapq.heappop(heap)
         return None
 
     def stats(self) -> dict[str, int]:
@@ -281,6 +285,11 @@ SchemaCheck = Callable[[dict[str, Any], str, dict[str, Any]], str | None]
 
 def _no_schema_check(schema: dict[str, Any], action: str, parameters: dict[str, Any]) -> None:
     return None
+
+
+def _lease_entry_valid(entry: tuple[float, int, Command]) -> bool:
+    cmd = entry[2]
+    return cmd.state is LEASED and cmd.lease_deadline == entry[0]
 
 
 class Broker:
@@ -433,7 +442,12 @@ class Broker:
                 raise BrokerError(
                     ErrorCode.BAD_REQUEST, f"{where}parameter names must be strings, not {key!r}"
                 )
-        size = len(msgpack.packb(nc.parameters, use_bin_type=True))
+        try:
+            size = len(msgpack.packb(nc.parameters, use_bin_type=True))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise BrokerError(
+                ErrorCode.BAD_REQUEST, f"{where}parameters cannot be encoded: {exc}"
+            ) from None
         if size > self.limits.max_parameter_bytes:
             raise BrokerError(
                 ErrorCode.LIMIT_EXCEEDED,
@@ -472,7 +486,7 @@ class Broker:
             raise BrokerError(ErrorCode.BAD_REQUEST, f"bad resource name {resource!r}")
         q = self.queue(resource)
         if not q.waiters:
-            cmd = q.pop_ready()
+            cmd = q.first_ready()
             if cmd is not None:
                 self._lease(cmd, waiter, now)
                 return cmd
@@ -502,7 +516,7 @@ class Broker:
             q = dirty.pop()
             waiters = q.waiters
             while waiters and q.ready:
-                cmd = q.pop_ready()
+                cmd = q.first_ready()
                 if cmd is None:  # pragma: no cover - the counter and the heap disagree
                     raise AssertionError(f"queue {q.name}: ready={q.ready} but none in heap")
                 waiter = waiters.popleft()
@@ -575,9 +589,9 @@ class Broker:
         """Expire ttr leases and open packages, forget old finished packages."""
         heap = self._lease_heap
         while heap and heap[0][0] <= now:
-            deadline, _, cmd = heapq.heappop(heap)
-            if cmd.state is LEASED and cmd.lease_deadline == deadline:
-                self._end_lease(cmd, now)
+            entry = heapq.heappop(heap)
+            if _lease_entry_valid(entry):
+                self._end_lease(entry[2], now)
         ttl = self._ttl_heap
         while ttl and ttl[0][0] <= now:
             _, package_id = heapq.heappop(ttl)
@@ -592,8 +606,17 @@ class Broker:
         self._dispatch(now)
 
     def next_deadline(self) -> float | None:
-        """The earliest time at which `tick` has work, or None."""
-        heads = [h[0][0] for h in (self._lease_heap, self._ttl_heap, self._retention_heap) if h]
+        """The earliest time at which `tick` has work, or None. Stale heap heads (leases
+        already ended, packages already enqueued or forgotten) are dropped on the way."""
+        lease, ttl, ret = self._lease_heap, self._ttl_heap, self._retention_heap
+        while lease and not _lease_entry_valid(lease[0]):
+            heapq.heappop(lease)
+        packages = self.packages
+        while ttl and not ((p := packages.get(ttl[0][1])) is not None and p.is_open):
+            heapq.heappop(ttl)
+        while ret and ret[0][1] not in packages:
+            heapq.heappop(ret)
+        heads = [h[0][0] for h in (lease, ttl, ret) if h]
         return min(heads) if heads else None
 
     # ------------------------------------------------------------------ queries
@@ -612,7 +635,11 @@ class Broker:
         return self._package(package_id)
 
     def stats(self) -> dict[str, Any]:
-        resources = {name: q.stats() for name, q in sorted(self.queues.items())}
+        resources = {
+            name: q.stats()
+            for name, q in sorted(self.queues.items())
+            if q.ready or q.waiting or q.leased or q.waiters
+        }
         totals = {k: sum(r[k] for r in resources.values()) for k in ("ready", "waiting")}
         totals["leased"] = sum(r["leased"] for r in resources.values())
         totals["agents"] = sum(r["agents"] for r in resources.values())
@@ -728,8 +755,11 @@ class Broker:
         q = cmd.queue
         if cmd.state is READY:
             q.ready -= 1
-            # The live path popped it already; on replay the stale heap entry is skipped
-            # because the command's state is no longer READY.
+            # NEXT leases the first ready command, so it is at the head once stale
+            # entries are dropped.
+            head = q.first_ready()
+            assert head is cmd, f"leasing {cmd.id} but {head and head.id} is first in line"
+            heapq.heappop(q.ready_heap)
         self._move(cmd, LEASED)
         q.leased += 1
         cmd.delivery = rec.delivery
@@ -791,19 +821,18 @@ class Broker:
             cmd.dependents = None
 
     def _cancel_through(self, cmd: Command, dead: Command) -> None:
-        """Cancel `cmd` because its dependency `dead` failed or was cancelled."""
+        """Cancel `cmd` because its dependency `dead` failed or was cancelled. The reason
+        names the root of the chain: the command that failed (or was cancelled by CANCEL)."""
         causer = dead.causer or dead.id
-        if dead.state is FAILED:
-            reason = f"dependency {dead.id} failed"
-        else:
-            reason = f"dependency {dead.id} was cancelled"
+        root = self.commands.get(causer, dead)
+        failed = root.state is FAILED
+        reason = f"dependency {causer} {'failed' if failed else 'was cancelled'}"
         cmd.reason = reason
         cmd.causer = causer
         pkg = cmd.package
         if pkg.causer is None:
             pkg.causer = causer
-            root = self.commands.get(causer)
-            pkg.reason = f"{reason}: {root.reason}" if root and root.reason else reason
+            pkg.reason = f"{reason}: {root.reason}" if failed and root.reason else reason
         self._settle(cmd, CANCELLED)
 
     def _settle(self, cmd: Command, state: CommandState) -> None:
@@ -840,7 +869,7 @@ class Broker:
         for cmd in pkg.commands:
             del self.commands[cmd.id]
         pkg.commands = []
-        pkg.counts = dict.fromkeys(CommandState, 0)
+        pkg.counts = _ZERO_COUNTS.copy()
         pkg.unsettled = 0
         self._finish(pkg)
 

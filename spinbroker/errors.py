@@ -7,10 +7,10 @@ client turns the same codes into one exception type each. protocol.md lists this
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     BAD_REQUEST = "bad_request"
     UNKNOWN_VERB = "unknown_verb"
     MALFORMED = "malformed"

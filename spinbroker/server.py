@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-from . import PROTOCOL_VERSION, __version__, requests
+from . import PROTOCOL_VERSION, __version__, requests, schema
 from .codec import TEXT_USAGE, BadInput, Mode, Request, ServerCodec
 from .config import ServerConfig
 from .core import Broker, Command, NewCommand, Waiter
@@ -189,7 +189,7 @@ class Server:
     def __init__(self, config: ServerConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
-        self.core = Broker(config.limits)
+        self.core = Broker(config.limits, schema.check_command)
         self.new_id = IdGenerator()
         self.connections: dict[int, Connection] = {}
         self.dirty: set[Connection] = set()
@@ -221,6 +221,7 @@ class Server:
             "STATS": self._stats,
             "HELP": self._help,
             "QUIT": self._quit,
+            "ANNOUNCE": self._announce,
         }
 
     @property
@@ -517,6 +518,17 @@ class Server:
         package_id = requests.string(req.args, "package")
         n = self.core.cancel(package_id, self.clock())
         conn.reply(req, "ok", {"package": package_id, "cancelled": n})
+
+    def _announce(self, conn: Connection, req: Request) -> None:
+        resource = requests.string(req.args, "resource")
+        wire = req.args.get("schema")
+        try:
+            schema.from_wire(wire)
+        except schema.SchemaError as exc:
+            raise BrokerError(ErrorCode.BAD_REQUEST, f"bad schema: {exc.message}") from None
+        assert isinstance(wire, dict)
+        self.core.announce(resource, wire, self.clock())
+        conn.reply(req, "ok", {"resource": resource})
 
     def _stats(self, conn: Connection, req: Request) -> None:
         body = self.core.stats()

@@ -458,7 +458,8 @@ def _plain(value: Any) -> Any:
         return _plain(value.value)
     if isinstance(value, Mapping):
         return {(k if isinstance(k, str) else str(k)): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    # Exact tuples only: a named tuple such as msgpack's ExtType is a value of its own.
+    if isinstance(value, list) or kind is tuple:
         return [_plain(v) for v in value]
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(value).decode("ascii")

@@ -352,3 +352,38 @@ async def test_data_dir_is_locked(make_server: Connect, server: Server) -> None:
     twin = Server(ServerConfig(data_dir=server.config.data_dir, tcp=None))
     with pytest.raises(RuntimeError, match="in use"):
         await twin.start()
+
+
+async def test_announced_schema_refuses_bad_commands_at_add(raw: Connect) -> None:
+    from spinbroker.schema import ActionSpec, Int, ResourceSchema, Str
+
+    storage = ResourceSchema(
+        {
+            "create_image": ActionSpec(
+                {"volume_path": Str(), "image_name": Str(), "image_size": Int(minimum=1)}
+            )
+        }
+    )
+    agent: RawMsgpack = await raw()
+    assert await agent.ok("ANNOUNCE", {"resource": "storage", "schema": storage.to_wire()})
+    c: RawMsgpack = await raw()
+    pkg = (await c.ok("NEW"))["package"]
+    good = {"volume_path": "v", "image_name": "i.raw", "image_size": 50}
+    for action, params, problem in [
+        ("frobnicate", {}, "unknown action"),
+        ("create_image", {"volume_path": "v", "image_name": "i"}, "image_size"),
+        ("create_image", {**good, "image_size": "big"}, "image_size"),
+        ("create_image", {**good, "colour": "red"}, "colour"),
+    ]:
+        args = {"package": pkg, "resource": "storage", "action": action, "parameters": params}
+        msg = await c.call("ADD", args)
+        assert msg[1] == "error" and msg[2]["code"] == "invalid_command", msg
+        assert problem in msg[2]["message"]
+    args = {"package": pkg, "resource": "storage", "action": "create_image", "parameters": good}
+    assert "command" in await c.ok("ADD", args)
+    # A resource without a schema accepts anything.
+    assert "command" in await c.ok(
+        "ADD", {"package": pkg, "resource": "network", "action": "anything"}
+    )
+    bad = await c.call("ANNOUNCE", {"resource": "x", "schema": {"schema": 99}})
+    assert bad[1] == "error" and bad[2]["code"] == "bad_request"
