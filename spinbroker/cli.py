@@ -186,6 +186,29 @@ def _add_serve_parser(subparsers: Any) -> None:
         metavar="N",
         help="with --fsync batch: the longest time between two fsyncs (default 10)",
     )
+    durability = ServerConfig()
+    serve.add_argument(
+        "--segment-size",
+        type=positive_int,
+        default=durability.segment_size,
+        metavar="BYTES",
+        help=f"roll to a new log segment past this size (default {durability.segment_size})",
+    )
+    serve.add_argument(
+        "--snapshot-every",
+        type=positive_int,
+        default=durability.snapshot_every,
+        metavar="N",
+        help=f"snapshot after N records (default {durability.snapshot_every})",
+    )
+    serve.add_argument(
+        "--snapshot-interval",
+        type=positive_float,
+        default=durability.snapshot_interval,
+        metavar="S",
+        help="... or after S seconds if anything changed "
+        f"(default {durability.snapshot_interval:g}); also at clean shutdown",
+    )
     defaults = Limits()
     limits = serve.add_argument_group("limits")
     for flag, convert, default, text in (
@@ -591,6 +614,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         limits=limits,
         fsync=args.fsync,
         fsync_interval_ms=args.fsync_interval_ms,
+        segment_size=args.segment_size,
+        snapshot_every=args.snapshot_every,
+        snapshot_interval=args.snapshot_interval,
         log_level=args.log_level,
     )
     socket = getattr(args, "socket", None)

@@ -49,6 +49,12 @@ class ServerConfig:
     fsync: str = "always"
     #: With fsync "batch": the longest time between two flushes, in milliseconds.
     fsync_interval_ms: float = 10.0
+    #: Roll to a new log segment past this size (bytes).
+    segment_size: int = 64 << 20
+    #: Snapshot after this many records since the last one...
+    snapshot_every: int = 500_000
+    #: ... or after this many seconds, if anything changed.
+    snapshot_interval: float = 900.0
     log_level: str = "info"
 
     @property

@@ -235,7 +235,7 @@ class Package:
 class Waiter:
     """An agent blocked in NEXT. `token` is the server's handle for the reply."""
 
-    __slots__ = ("owner", "queue", "token", "ttr")
+    __slots__ = ("lease_record", "owner", "queue", "token", "ttr")
 
     def __init__(self, token: object, owner: int | None, ttr: float | None) -> None:
         self.token = token
@@ -243,6 +243,8 @@ class Waiter:
         self.ttr = ttr
         #: The queue the waiter is parked on; None while not parked.
         self.queue: ResourceQueue | None = None
+        #: Once served: the index in `Broker.outbox` of the record of its lease.
+        self.lease_record = -1
 
 
 class ResourceQueue:
@@ -522,6 +524,7 @@ class Broker:
                 waiter = waiters.popleft()
                 waiter.queue = None
                 self._lease(cmd, waiter, now)
+                waiter.lease_record = len(self.outbox) - 1
                 self.deliveries.append((waiter, cmd))
 
     def touch(

@@ -31,16 +31,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-from . import PROTOCOL_VERSION, __version__, requests, schema
+import msgpack
+
+from . import PROTOCOL_VERSION, __version__, persist, records, requests, schema
 from .codec import TEXT_USAGE, BadInput, Mode, Request, ServerCodec
 from .config import ServerConfig
 from .core import Broker, Command, NewCommand, Waiter
 from .errors import BrokerError, ErrorCode
 from .ids import IdGenerator
+from .persist import RecoveryReport, Snapshotter
+from .wal import FileLayer, Wal, WalCorruption, WalError, WalWriteError
 
 log = logging.getLogger("spinbroker.server")
 
 Handler = Callable[["Connection", Request], None]
+
+#: Verbs that make records: refused while the log cannot be written.
+CHANGES_STATE = frozenset(
+    {"NEW", "ADD", "ENQUEUE", "SUBMIT", "NEXT", "TOUCH", "COMPLETE", "CANCEL", "ANNOUNCE"}
+)
+#: After a failed write, how long the committer waits before asking the log again.
+STORAGE_RETRY_SECONDS = 0.1
 
 
 class Blocked:
@@ -73,8 +84,8 @@ class Connection(asyncio.Protocol):
         self.blocked: set[Blocked] = set()
         #: Text mode: requests read but not handled while an earlier one is blocked.
         self.backlog: deque[Request | BadInput] = deque()
-        #: Replies waiting for the log position they need: (lsn, bytes).
-        self.held: deque[tuple[int, bytes]] = deque()
+        #: Replies waiting for the log position they need: (lsn, bytes, request id, verb).
+        self.held: deque[tuple[int, bytes, int | None, str | None]] = deque()
         self.out: list[bytes] = []
         self.closing = False
         self.inflight = 0
@@ -130,17 +141,29 @@ class Connection(asyncio.Protocol):
                 continue
             server.handle(self, event)
 
-    def reply(self, req: Request, kind: str, body: Any) -> None:
-        self._emit(self.codec.encode_reply(req, kind, body))
+    def reply(self, req: Request, kind: str, body: Any, need: int | None = None) -> None:
+        try:
+            data = self.codec.encode_reply(req, kind, body)
+        except (TypeError, ValueError, OverflowError) as exc:  # a body msgpack cannot carry
+            log.exception("cannot encode the reply to %s", req.verb)
+            err = BrokerError(ErrorCode.INTERNAL, f"cannot encode the reply: {exc}")
+            data = self.codec.encode_error(req.id, req.verb, err)
+        self._emit(data, req.id, req.verb, need)
 
     def reply_error(self, req_id: int | None, verb: str | None, err: BrokerError) -> None:
-        self._emit(self.codec.encode_error(req_id, verb, err))
+        self._emit(self.codec.encode_error(req_id, verb, err), req_id, verb)
 
-    def _emit(self, data: bytes) -> None:
+    def _emit(
+        self, data: bytes, req_id: int | None, verb: str | None, need: int | None = None
+    ) -> None:
         self.inflight -= 1
         server = self.server
-        if server.appended_lsn > server.durable_lsn or self.held:
-            self.held.append((server.appended_lsn, data))
+        if need is None:
+            # Everything the core has produced so far, appended or not yet, must be durable
+            # before this reply may leave: it may reveal any of it.
+            need = server.appended_lsn + len(server.core.outbox)
+        if need > server.durable_lsn or self.held:
+            self.held.append((need, data, req_id, verb))
         else:
             self.out.append(data)
         server.dirty.add(self)
@@ -149,6 +172,14 @@ class Connection(asyncio.Protocol):
         held = self.held
         while held and held[0][0] <= durable_lsn:
             self.out.append(held.popleft()[1])
+
+    def fail_held(self, err: BrokerError) -> None:
+        """The log could not make the held replies' records durable: none of them is an
+        acknowledgement any more; each becomes `err`."""
+        encode = self.codec.encode_error
+        while self.held:
+            _, _, req_id, verb = self.held.popleft()
+            self.out.append(encode(req_id, verb, err))
 
     def flush(self) -> None:
         if self.out and self.transport is not None and not self.transport.is_closing():
@@ -186,11 +217,26 @@ class Connection(asyncio.Protocol):
 
 
 class Server:
-    def __init__(self, config: ServerConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        clock: Callable[[], float] = time.time,
+        files: FileLayer | None = None,
+    ) -> None:
         self.config = config
         self.clock = clock
+        #: The log's file layer: the real one, or a test's that loses power or fills up.
+        self.files = files
+        # Replaced by the recovered broker in start().
         self.core = Broker(config.limits, schema.check_command)
+        self.wal: Wal | None = None
+        self.snapshotter: Snapshotter | None = None
+        self.recovery: RecoveryReport | None = None
         self.new_id = IdGenerator()
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._commit_wanted = asyncio.Event()
+        self._committer: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.connections: dict[int, Connection] = {}
         self.dirty: set[Connection] = set()
         self.appended_lsn = 0
@@ -235,6 +281,11 @@ class Server:
         data_dir = self.config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_data_dir(data_dir)
+        try:
+            await self._recover(data_dir)
+        except BaseException:
+            self._unlock()
+            raise
         await self._listen_unix(self.socket_path)
         if self.config.tcp is not None:
             host, port = self.config.tcp
@@ -243,6 +294,35 @@ class Server:
             self.tcp_port = srv.sockets[0].getsockname()[1]
             log.info("listening on tcp %s:%d", host, self.tcp_port)
         self._schedule_tick()
+
+    async def _recover(self, data_dir: Path) -> None:
+        """Open the log, rebuild the core from snapshot + records, and make the recovery's
+        own records (released leases) durable before serving anyone."""
+        config = self.config
+        wal, recovery = Wal.open(
+            data_dir,
+            fsync=config.fsync,
+            batch_interval_ms=config.fsync_interval_ms,
+            segment_size=config.segment_size,
+            files=self.files,
+        )
+        self.wal = wal
+        if recovery.torn is not None:
+            log.warning("recovery: %s", recovery.torn)
+        self.core, self.recovery = persist.recover(wal, config.limits, schema.check_command)
+        log.info("recovered: %s", self.recovery.describe())
+        self.appended_lsn = self.durable_lsn = wal.last_lsn
+        self.snapshotter = Snapshotter(wal)
+        self.snapshotter.last_lsn = self.recovery.snapshot_lsn
+        self._append_outbox()
+        await wal.commit()
+        self.durable_lsn = self.appended_lsn
+        self._committer = self.loop.create_task(self._commit_loop())
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _lock_data_dir(self, data_dir: Path) -> None:
         fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -307,42 +387,129 @@ class Server:
             self._tick_handle.cancel()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-        self._stopped.set()
+        try:
+            await self._close_log()
+        finally:
+            self._unlock()
+            self._stopped.set()
+
+    async def _close_log(self) -> None:
+        """Flush what is left, snapshot the final state, close the log."""
+        if self._committer is not None:
+            self._commit_wanted.set()
+            self._committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await task
+        if self.wal is None:
+            return
+        try:
+            await self.wal.commit()
+            if self.snapshotter is not None and self.appended_lsn > 0:
+                await self.snapshotter.take_inline(self.core, self.appended_lsn)
+        except WalError as exc:
+            log.error("could not flush the log at shutdown: %s", exc)
+        finally:
+            with contextlib.suppress(WalError):
+                await self.wal.close()
+        log.info("log closed at lsn %d", self.appended_lsn)
 
     # the batch boundary ----------------------------------------------------------
 
     def after_batch(self) -> None:
         """Drain what the core produced, log it, and write the replies it allows."""
         core = self.core
+        base = self.appended_lsn
         if core.outbox:
-            self.appended_lsn += len(core.outbox)
-            core.outbox.clear()
-            # Until the write-ahead log lands, records are durable once made.
-            self.durable_lsn = self.appended_lsn
+            self._append_outbox()
+            self._commit_wanted.set()
         if core.deliveries:
             deliveries, core.deliveries = core.deliveries, []
             for waiter, cmd in deliveries:
-                self._deliver(waiter, cmd)
+                self._deliver(waiter, cmd, base + waiter.lease_record)
         if core.finished:
             finished, core.finished = core.finished, []
             for pkg in finished:
                 for blocked in self.waits.pop(pkg.id, ()):
                     self._unblock(blocked)
                     blocked.conn.reply(blocked.req, "ok", pkg.status())
-        dirty, self.dirty = self.dirty, set()
-        for conn in dirty:
-            conn.release(self.durable_lsn)
-            conn.flush()
+        self._flush_dirty()
         self._schedule_tick()
+        self._maybe_snapshot()
 
-    def _deliver(self, waiter: Waiter, cmd: Command) -> None:
+    def _flush_dirty(self) -> None:
+        dirty, self.dirty = self.dirty, set()
+        durable = self.durable_lsn
+        for conn in dirty:
+            if conn.held:
+                conn.release(durable)
+            conn.flush()
+
+    def _append_outbox(self) -> None:
+        """Hand the core's new records to the log (buffered; made durable by the committer)."""
+        assert self.wal is not None
+        append, pack = self.wal.append, self._packer.pack
+        lsn = self.appended_lsn
+        for rec in self.core.outbox:
+            lsn = append(pack(records.to_wire(rec)))
+        self.core.outbox.clear()
+        self.appended_lsn = lsn
+
+    async def _commit_loop(self) -> None:
+        """Group commit: every record appended while the previous flush ran goes out in the
+        next one; then the replies that waited for them are released."""
+        assert self.wal is not None
+        wal = self.wal
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted.clear()
+            while self.durable_lsn < self.appended_lsn:
+                target = self.appended_lsn
+                try:
+                    await wal.commit()
+                except WalWriteError as exc:
+                    self._storage_failed(exc)
+                    # The log keeps the records and retries; wait a little before asking.
+                    await asyncio.sleep(STORAGE_RETRY_SECONDS)
+                    continue
+                self.durable_lsn = target
+                self._release_held()
+
+    def _release_held(self) -> None:
+        for conn in self.connections.values():
+            if conn.held:
+                self.dirty.add(conn)
+        self._flush_dirty()
+
+    def _storage_failed(self, exc: WalWriteError) -> None:
+        log.error("the log cannot be written: %s; refusing changes until it can", exc)
+        err = BrokerError(ErrorCode.STORAGE_FAILED, f"the change could not be made durable: {exc}")
+        for conn in self.connections.values():
+            if conn.held:
+                conn.fail_held(err)
+                self.dirty.add(conn)
+        self._flush_dirty()
+
+    def _maybe_snapshot(self) -> None:
+        snap = self.snapshotter
+        config = self.config
+        if snap is None or self._stopping:
+            return
+        if snap.due(self.appended_lsn, config.snapshot_every, config.snapshot_interval):
+            task = snap.start(self.core, self.appended_lsn)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _deliver(self, waiter: Waiter, cmd: Command, need: int) -> None:
+        """Answer a parked NEXT. Like every reply it waits for the records before it, but
+        not for its own lease record: a lease is not promised to outlive a crash (the
+        command is delivered again), so a NEXT costs no fsync of its own."""
         blocked = waiter.token
         assert isinstance(blocked, Blocked)
         self._unblock(blocked)
-        blocked.conn.reply(blocked.req, "ok", cmd.delivered())
+        blocked.conn.reply(blocked.req, "ok", cmd.delivered(), need)
 
     def _unblock(self, blocked: Blocked) -> None:
         blocked.cancel_timer()
@@ -389,6 +556,11 @@ class Server:
             if handler is None:
                 raise BrokerError(
                     ErrorCode.UNKNOWN_VERB, f"unknown verb {req.verb!r}; HELP lists the verbs"
+                )
+            if req.verb in CHANGES_STATE and self.wal is not None and self.wal.error is not None:
+                raise BrokerError(
+                    ErrorCode.STORAGE_FAILED,
+                    f"the log cannot be written ({self.wal.error}); changes are refused",
                 )
             handler(conn, req)
         except BrokerError as err:
@@ -476,7 +648,9 @@ class Server:
         block = timeout != 0
         cmd = self.core.next(resource, waiter, self.clock(), block)
         if cmd is not None:
-            conn.reply(req, "ok", cmd.delivered())
+            # Not waiting for its own lease record: see `_deliver`.
+            need = self.appended_lsn + len(self.core.outbox) - 1
+            conn.reply(req, "ok", cmd.delivered(), need)
             return
         if not block:
             conn.reply(req, "empty", None)
@@ -549,7 +723,17 @@ async def _serve(config: ServerConfig) -> int:
     server = Server(config)
     try:
         await server.start()
-    except (OSError, RuntimeError) as exc:
+    except WalCorruption as exc:
+        log.error(
+            "cannot start: the log is corrupt: %s\n"
+            "  `spinbroker wal inspect %s` shows it; `spinbroker wal repair %s` truncates it "
+            "there, keeping a backup of everything it removes",
+            exc,
+            config.data_dir,
+            config.data_dir,
+        )
+        return 1
+    except (OSError, RuntimeError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     loop = asyncio.get_running_loop()

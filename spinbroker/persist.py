@@ -1,0 +1,196 @@
+"""Durability glue between the pure core and the write-ahead log.
+
+Holds recovery (newest snapshot + the records after it -> a `Broker` equal to the one that
+wrote them) and taking snapshots while serving. The log never interprets bodies and the
+core never touches files; this module is the only place that knows both: a record body is
+`msgpack(records.to_wire(rec))`, a snapshot body is `msgpack(state.dump(broker))`.
+
+Snapshots while serving must not stall the event loop, so the state is serialised in a
+forked child (copy-on-write, as Redis' BGSAVE does): the fork is the only pause the loop
+sees. The child writes and syncs `snap-<lsn>.snap.tmp` and exits; the parent then waits
+until the log itself is synced up to that LSN and only then renames the snapshot into
+place, so a snapshot is never ahead of the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+from . import records, state
+from .config import Limits
+from .core import Broker, SchemaCheck
+from .wal import OsFiles, Wal
+from .wal.snapshot import snapshot_tmp_path, write_snapshot_tmp
+
+log = logging.getLogger("spinbroker.persist")
+
+#: How often (seconds) a long recovery reports progress.
+PROGRESS_EVERY = 2.0
+
+
+def pack_record(packer: msgpack.Packer, rec: records.Record) -> bytes:
+    body: bytes = packer.pack(records.to_wire(rec))
+    return body
+
+
+def unpack(body: bytes) -> object:
+    return msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=True)
+
+
+@dataclass(slots=True)
+class RecoveryReport:
+    snapshot_lsn: int
+    snapshot_seconds: float
+    records: int
+    replay_seconds: float
+    leases_released: int
+
+    @property
+    def replay_rate(self) -> float:
+        return self.records / self.replay_seconds if self.replay_seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        return (
+            f"snapshot at lsn {self.snapshot_lsn} loaded in {self.snapshot_seconds:.2f}s; "
+            f"replayed {self.records} records in {self.replay_seconds:.2f}s "
+            f"({self.replay_rate:,.0f}/s); {self.leases_released} leases released"
+        )
+
+
+def recover(
+    wal: Wal,
+    limits: Limits,
+    schema_check: SchemaCheck | None,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[Broker, RecoveryReport]:
+    """Rebuild the broker from `wal` (freshly opened, nothing appended yet). Raises
+    `WalCorruption` when the log cannot be read past some point, and ValueError when a
+    body does not decode as a snapshot or a record."""
+    started = clock()
+    snapshot, bodies = wal.load()
+    if snapshot is None:
+        broker = Broker(limits, schema_check)
+        snapshot_lsn = 0
+    else:
+        image = unpack(snapshot.body)
+        if not isinstance(image, list):
+            raise ValueError(f"snapshot {snapshot.path} does not hold a broker state")
+        broker = state.load(image, limits, schema_check)
+        snapshot_lsn = snapshot.lsn
+    loaded = clock()
+    if snapshot is not None:
+        log.info("loaded snapshot %s in %.2fs", snapshot.path.name, loaded - started)
+    count = 0
+    report_at = loaded + PROGRESS_EVERY
+    apply, from_wire = broker.apply, records.from_wire
+    for lsn, body in bodies:
+        wire = unpack(body)
+        if not isinstance(wire, list):
+            raise ValueError(f"record {lsn} is not a record: {wire!r}")
+        apply(from_wire(wire))
+        count += 1
+        if count & 0x3FFF == 0 and clock() >= report_at:
+            report_at = clock() + PROGRESS_EVERY
+            elapsed = clock() - loaded
+            log.info("recovery: replayed %d records (%.0f/s)", count, count / elapsed)
+    replayed = clock()
+    broker.outbox.clear()
+    broker.finished.clear()
+    # Leases do not survive a restart: those commands are ready again in their places.
+    broker.recover_leases(time.time())
+    released = len(broker.outbox)
+    report = RecoveryReport(snapshot_lsn, loaded - started, count, replayed - loaded, released)
+    return broker, report
+
+
+class Snapshotter:
+    """Takes snapshots of a live broker in a forked child, one at a time."""
+
+    def __init__(self, wal: Wal) -> None:
+        self.wal = wal
+        self.last_lsn = 0
+        self.last_at = time.monotonic()
+        self.running: asyncio.Task[None] | None = None
+        #: The longest time the event loop was held by a fork, in seconds (for STATS/bench).
+        self.longest_fork = 0.0
+        self.taken = 0
+
+    def due(self, lsn: int, every_records: int, every_seconds: float) -> bool:
+        if self.running is not None or lsn <= self.last_lsn:
+            return False
+        if lsn - self.last_lsn >= every_records:
+            return True
+        return time.monotonic() - self.last_at >= every_seconds
+
+    def start(self, broker: Broker, lsn: int) -> asyncio.Task[None]:
+        """Fork now (the state at `lsn`) and finish in the background."""
+        self.running = asyncio.get_running_loop().create_task(self._take(broker, lsn))
+        return self.running
+
+    async def _take(self, broker: Broker, lsn: int) -> None:
+        started = time.monotonic()
+        try:
+            pid = _fork_writer(broker, self.wal.directory, lsn)
+            forked = time.monotonic() - started
+            self.longest_fork = max(self.longest_fork, forked)
+            loop = asyncio.get_running_loop()
+            _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            if code != 0:
+                raise RuntimeError(f"snapshot child exited with {code}")
+            await self.wal.install_snapshot(lsn)
+            self.last_lsn = lsn
+            self.taken += 1
+            log.info(
+                "snapshot at lsn %d in %.2fs (loop paused %.1f ms for the fork)",
+                lsn,
+                time.monotonic() - started,
+                forked * 1000,
+            )
+        except Exception as exc:
+            log.error("snapshot at lsn %d failed: %s", lsn, exc)
+            tmp = snapshot_tmp_path(self.wal.directory, lsn)
+            tmp.unlink(missing_ok=True)
+        finally:
+            self.last_at = time.monotonic()
+            self.running = None
+
+    async def take_inline(self, broker: Broker, lsn: int) -> None:
+        """At clean shutdown: serialise in this process (nothing left to stall)."""
+        if self.running is not None:
+            await asyncio.wait([self.running])
+        if lsn <= self.last_lsn:
+            return
+        body = msgpack.packb(state.dump(broker), use_bin_type=True)
+        await self.wal.write_snapshot(lsn, body)
+        self.last_lsn = lsn
+        self.taken += 1
+
+
+def _fork_writer(broker: Broker, directory: Path, lsn: int) -> int:
+    """Fork a child that writes the snapshot's temporary file and exits."""
+    pid = os.fork()
+    if pid != 0:
+        return pid
+    # The child: never return into the parent's code, never touch its event loop.
+    code = 1
+    try:
+        gc.disable()  # a collection would walk (and copy) every page of the parent's heap
+        body = msgpack.packb(state.dump(broker), use_bin_type=True)
+        write_snapshot_tmp(OsFiles(), directory, lsn, body)
+        code = 0
+    except BaseException:
+        traceback.print_exc(file=sys.stderr)
+    finally:
+        os._exit(code)

@@ -1,0 +1,154 @@
+"""The file layer: every byte the log reads or writes goes through `FileLayer`.
+
+Holds the small interface (`FileLayer`, `WalFile`), the real implementation over `os`
+(`OsFiles`), and the two compositions every durable file needs (`write_file_durably`,
+`rename_durably`). Tests swap in `memfiles.MemoryFiles` to simulate power loss and failing
+disks. Must never know about records, segments or LSNs, and must never swallow an OSError:
+deciding what a failure means is the caller's job.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+
+class WalFile(Protocol):
+    """An open file. Writes go to explicit offsets; nothing is durable until a sync."""
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        """Write all of `data` at `offset` or raise OSError (a short write is retried)."""
+
+    def datasync(self) -> None:
+        """fdatasync: make the data (and the size) durable."""
+
+    def sync(self) -> None:
+        """fsync: make data and all metadata durable."""
+
+    def truncate(self, size: int) -> None: ...
+
+    def allocate(self, size: int) -> None:
+        """Reserve zero-filled space up to `size` bytes (the file size becomes at least that)."""
+
+    def size(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class FileLayer(Protocol):
+    """A directory tree of files. A new name, rename or removal is durable after `sync_dir`."""
+
+    def create(self, path: Path) -> WalFile:
+        """Create a new empty file open for reading and writing; fail if it exists."""
+
+    def open(self, path: Path) -> WalFile:
+        """Open an existing file for reading and writing."""
+
+    def read(self, path: Path) -> bytes:
+        """The whole content of a file as it is now (not necessarily durable)."""
+
+    def listdir(self, directory: Path) -> list[str]: ...
+
+    def rename(self, src: Path, dst: Path) -> None:
+        """Atomically replace `dst` with `src`."""
+
+    def remove(self, path: Path) -> None: ...
+
+    def sync_dir(self, directory: Path) -> None:
+        """fsync the directory itself, making its entries durable."""
+
+    def makedirs(self, directory: Path) -> None:
+        """Create the directory and its parents if missing, durably."""
+
+
+class OsFile:
+    """A file descriptor opened with `os.open`."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def datasync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+
+    def allocate(self, size: int) -> None:
+        current = self.size()
+        if size > current:
+            os.posix_fallocate(self._fd, current, size - current)
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class OsFiles:
+    """The real file layer: plain POSIX calls, nothing cached."""
+
+    def create(self, path: Path) -> WalFile:
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        return OsFile(os.open(path, flags, 0o644))
+
+    def open(self, path: Path) -> WalFile:
+        return OsFile(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+
+    def read(self, path: Path) -> bytes:
+        return path.read_bytes()
+
+    def listdir(self, directory: Path) -> list[str]:
+        return os.listdir(directory)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        os.rename(src, dst)
+
+    def remove(self, path: Path) -> None:
+        os.unlink(path)
+
+    def sync_dir(self, directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def makedirs(self, directory: Path) -> None:
+        missing = []
+        path = directory.absolute()
+        while not path.exists():
+            missing.append(path)
+            path = path.parent
+        for new in reversed(missing):
+            new.mkdir(exist_ok=True)
+            self.sync_dir(new.parent)
+
+
+def write_file_durably(files: FileLayer, path: Path, data: bytes) -> None:
+    """Create `path` (which must not exist) holding `data`, synced. Its name is not yet durable."""
+    handle = files.create(path)
+    try:
+        handle.pwrite(data, 0)
+        handle.sync()
+    finally:
+        handle.close()
+
+
+def rename_durably(files: FileLayer, src: Path, dst: Path) -> None:
+    """Rename within one directory, then sync that directory so the new name survives."""
+    files.rename(src, dst)
+    files.sync_dir(dst.parent)

@@ -1,0 +1,134 @@
+"""Reading a segment's bytes: where its good records end and what lies after them.
+
+Holds `scan_segment`, which walks every frame of one segment and reports the first thing that
+is not a good record, classified as a possible torn write or not, and `iter_records`, which
+yields the records of a scanned range. Pure over bytes: must never open files, log, or decide
+what to do about damage (recovery.py cuts torn tails and refuses corruption; repair.py
+truncates).
+
+How damage is classified (the decision the preallocated segments force):
+
+* Zeros after the last record (a zero header with only zeros to the end of the file) are
+  preallocated space that was never written: a clean end, not damage.
+* A frame cut short by the end of the file, a zero header followed by non-zero bytes, or a
+  frame failing a checksum while one 512-byte sector of it is all zeros, is what an
+  unfinished write leaves behind: sectors reach the disk whole, in any order, and unwritten
+  ones read as zeros. `torn=True`. Recovery accepts this only at the end of the newest
+  segment, where the write that was interrupted can only be one nobody was told succeeded.
+* Anything else (a checksum failure with no zero sector, a record with the wrong LSN, a bad
+  segment header) is corruption: a torn write cannot produce it. `torn=False`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from spinbroker.wal.frame import (
+    RECORD_HEADER_SIZE,
+    SEGMENT_HEADER_SIZE,
+    Found,
+    decode_record,
+    read_records,
+)
+
+SECTOR = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """The first spot of a segment that is not a good record nor clean zeros."""
+
+    offset: int
+    detail: str
+    #: An unfinished write can explain it (see the module docstring).
+    torn: bool
+    #: Offset past the last sector of the file holding a non-zero byte: the bytes
+    #: [offset, data_end) are what cutting here drops.
+    data_end: int
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentScan:
+    first_lsn: int
+    records: int
+    #: Offset just past the last good record.
+    end: int
+    size: int
+    damage: Damage | None
+
+    @property
+    def next_lsn(self) -> int:
+        return self.first_lsn + self.records
+
+
+class RecordError(ValueError):
+    """A frame inside a range that was scanned good no longer is."""
+
+    def __init__(self, offset: int, detail: str) -> None:
+        super().__init__(f"offset {offset}: {detail}")
+        self.offset = offset
+        self.detail = detail
+
+
+def scan_segment(data: bytes, first_lsn: int) -> SegmentScan:
+    """Check every frame after the segment header; stop at the first that is not good."""
+    offset, expected = SEGMENT_HEADER_SIZE, first_lsn
+    for record_offset, lsn, body in read_records(data, offset, first_lsn, len(data)):
+        offset, expected = record_offset + RECORD_HEADER_SIZE + len(body), lsn + 1
+    decoded = decode_record(data, offset)
+    damage = _classify(data, offset, decoded.found, decoded.end, decoded.lsn, expected)
+    return SegmentScan(first_lsn, expected - first_lsn, offset, len(data), damage)
+
+
+def _classify(
+    data: bytes, offset: int, found: Found, end: int, lsn: int, expected: int
+) -> Damage | None:
+    size = len(data)
+    zeros_after = data.count(0, offset) == size - offset
+    if found in (Found.ZEROS, Found.SHORT) and zeros_after:
+        return None
+    data_end = _written_end(data)
+    if found is Found.RECORD:
+        return Damage(offset, f"record has LSN {lsn}, expected {expected}", False, data_end)
+    if found is Found.ZEROS:
+        detail = f"zero header followed by non-zero bytes up to offset {data_end}"
+        return Damage(offset, detail, True, data_end)
+    if found is Found.SHORT:
+        present = size - offset
+        detail = f"record runs past the end of the file ({end - offset} bytes, {present} present)"
+        return Damage(offset, detail, True, data_end)
+    what = "header" if found is Found.BAD_HEADER else f"body (LSN {lsn})"
+    torn = has_zero_sector(data, offset, min(end, size))
+    return Damage(offset, f"record {what} checksum mismatch", torn, data_end)
+
+
+def _written_end(data: bytes) -> int:
+    """Past the last sector holding a non-zero byte (capped at the file size): the rest is
+    preallocated space, not data anybody wrote."""
+    last_nonzero = len(data.rstrip(b"\0"))
+    return min(len(data), -(-last_nonzero // SECTOR) * SECTOR)
+
+
+def has_zero_sector(data: bytes, start: int, end: int) -> bool:
+    """Whether the part of [start, end) inside some 512-byte-aligned sector is all zeros."""
+    while start < end:
+        stop = min(end, (start // SECTOR + 1) * SECTOR)
+        if data.count(0, start, stop) == stop - start:
+            return True
+        start = stop
+    return False
+
+
+def iter_records(data: bytes, first_lsn: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """(lsn, body) of every record in [segment header, end); raises RecordError if one
+    fails its checks (the range was scanned good, so the file changed underneath)."""
+    offset, expected = SEGMENT_HEADER_SIZE, first_lsn
+    for record_offset, lsn, body in read_records(data, offset, first_lsn, end):
+        yield lsn, bytes(body)
+        offset, expected = record_offset + RECORD_HEADER_SIZE + len(body), lsn + 1
+    if offset < end:
+        decoded = decode_record(data, offset)
+        if decoded.found is Found.RECORD:
+            raise RecordError(offset, f"record has LSN {decoded.lsn}, expected {expected}")
+        raise RecordError(offset, f"{decoded.found.value} where a record was")

@@ -1,0 +1,189 @@
+"""Repairing a damaged log, on a person's request, without destroying anything.
+
+Holds `repair(directory)`: it finds the earliest damage, copies or moves every file it
+changes into a new `repair-<time>/` directory inside the log directory, and then either
+drops the damaged segment (when a valid snapshot already covers all its records) or
+truncates it at the damaged offset and moves the later segments into the backup (if a
+snapshot is then past the end of the cut log, it holds more state than the log: the log's
+remaining segments go aside instead, and the log restarts after the snapshot). Invalid
+snapshots are moved into the backup too. It returns what it did. Must never run implicitly:
+`Wal.open` refuses corruption, a person runs `spinbroker wal repair DATADIR`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spinbroker.wal.errors import WalCorruption
+from spinbroker.wal.files import FileLayer, OsFiles, write_file_durably
+from spinbroker.wal.recovery import Problem, ScannedSegment, first_problem, scan_directory
+from spinbroker.wal.segment import SegmentList
+from spinbroker.wal.snapshot import BadSnapshot, choose_snapshot, list_snapshots, read_snapshot
+
+_MAX_ROUNDS = 1000
+
+
+@dataclass(slots=True)
+class RepairReport:
+    directory: Path
+    #: Every damage found, in the order it was handled.
+    problems: list[Problem] = field(default_factory=list)
+    #: Where the originals went (None if nothing needed repair).
+    backup: Path | None = None
+    #: (segment, offset) for each truncation.
+    truncated: list[tuple[Path, int]] = field(default_factory=list)
+    #: Files moved into the backup (they no longer belong to the log).
+    moved: list[Path] = field(default_factory=list)
+    #: Why the log still cannot be loaded, if it cannot.
+    remaining: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.truncated or self.moved)
+
+    def describe(self) -> str:
+        lines = [f"wal repair of {self.directory}"]
+        if not self.changed:
+            lines.append("  nothing to repair")
+        for problem in self.problems:
+            lines.append(f"  found: {problem.file.name} offset {problem.offset}: {problem.detail}")
+        for path, offset in self.truncated:
+            lines.append(f"  truncated {path.name} at offset {offset} (original kept)")
+        for path in self.moved:
+            lines.append(f"  moved {path.name} into the backup")
+        if self.backup is not None:
+            lines.append(f"  backup: {self.backup}")
+        if self.remaining is not None:
+            lines.append(f"  the log still cannot be loaded: {self.remaining}")
+        else:
+            lines.append("  the log opens")
+        return "\n".join(lines)
+
+
+def repair(directory: Path, files: FileLayer | None = None) -> RepairReport:
+    """Make `directory` a log that opens and loads, keeping every changed file in a backup."""
+    files = files if files is not None else OsFiles()
+    report = RepairReport(directory)
+    _set_aside_bad_snapshots(files, directory, report)
+    for _ in range(_MAX_ROUNDS):
+        segments = scan_directory(files, directory)
+        problem = first_problem(segments)
+        if problem is None:
+            break
+        report.problems.append(problem)
+        if not _drop_covered(files, directory, segments, problem, report):
+            _truncate(files, directory, segments, problem, report)
+    report.remaining = _check_loads(files, directory)
+    return report
+
+
+def _backup(files: FileLayer, directory: Path, report: RepairReport) -> Path:
+    if report.backup is None:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        taken = set(files.listdir(directory))
+        name, n = f"repair-{stamp}", 0
+        while name in taken:
+            n += 1
+            name = f"repair-{stamp}.{n}"
+        report.backup = directory / name
+        files.makedirs(report.backup)
+    return report.backup
+
+
+def _move(files: FileLayer, directory: Path, path: Path, report: RepairReport) -> None:
+    backup = _backup(files, directory, report)
+    files.rename(path, backup / path.name)
+    files.sync_dir(backup)
+    files.sync_dir(directory)
+    report.moved.append(path)
+
+
+def _set_aside_bad_snapshots(files: FileLayer, directory: Path, report: RepairReport) -> None:
+    for lsn, path in list_snapshots(files, directory):
+        try:
+            read_snapshot(files, lsn, path)
+        except BadSnapshot as exc:
+            report.problems.append(Problem(-1, path, exc.offset, exc.detail, False, 0))
+            _move(files, directory, path, report)
+
+
+def _newest_valid_snapshot(files: FileLayer, directory: Path) -> int | None:
+    for lsn, path in reversed(list_snapshots(files, directory)):
+        try:
+            read_snapshot(files, lsn, path)
+        except BadSnapshot:
+            continue
+        return lsn
+    return None
+
+
+def _drop_covered(
+    files: FileLayer,
+    directory: Path,
+    segments: list[ScannedSegment],
+    problem: Problem,
+    report: RepairReport,
+) -> bool:
+    """If a valid snapshot holds every record of the damaged segment, drop it and the
+    segments before it: nothing is lost but the fallback to an older snapshot."""
+    snapshot_lsn = _newest_valid_snapshot(files, directory)
+    listed = SegmentList([(s.scan.first_lsn, s.path) for s in segments])
+    if snapshot_lsn is None or problem.index + 1 >= len(segments):
+        return False
+    covered = listed.take_covered(snapshot_lsn)
+    if len(covered) <= problem.index:
+        return False
+    for path in covered[: problem.index + 1]:
+        _move(files, directory, path, report)
+    return True
+
+
+def _truncate(
+    files: FileLayer,
+    directory: Path,
+    segments: list[ScannedSegment],
+    problem: Problem,
+    report: RepairReport,
+) -> None:
+    """Cut the log at the damage: keep a copy of the segment, truncate it (or move it whole
+    if the damage is at its start), move every later segment aside."""
+    damaged = segments[problem.index]
+    if problem.offset == 0:
+        _move(files, directory, damaged.path, report)
+        next_lsn = damaged.scan.first_lsn
+    else:
+        backup = _backup(files, directory, report)
+        write_file_durably(files, backup / damaged.path.name, files.read(damaged.path))
+        files.sync_dir(backup)
+        handle = files.open(damaged.path)
+        try:
+            handle.truncate(problem.offset)
+            handle.sync()
+        finally:
+            handle.close()
+        report.truncated.append((damaged.path, problem.offset))
+        next_lsn = damaged.scan.next_lsn
+    for later in segments[problem.index + 1 :]:
+        _move(files, directory, later.path, report)
+    snapshots = list_snapshots(files, directory)
+    if snapshots and snapshots[-1][0] >= next_lsn:
+        # A snapshot holds more than the cut log: keep it, set the shorter log aside.
+        for kept in segments[: problem.index + 1]:
+            if kept.path.name in files.listdir(directory):
+                _move(files, directory, kept.path, report)
+
+
+def _check_loads(files: FileLayer, directory: Path) -> str | None:
+    segments = scan_directory(files, directory)
+    problem = first_problem(segments)
+    if problem is not None:
+        return f"{problem.file.name} offset {problem.offset}: {problem.detail}"
+    if not segments:
+        return None
+    try:
+        choose_snapshot(files, directory, segments[0].scan.first_lsn, segments[-1].scan.next_lsn)
+    except WalCorruption as exc:
+        return str(exc)
+    return None

@@ -1,0 +1,171 @@
+"""Snapshot files: `snap-<lsn as 16 hex digits>.snap`, a checked header then an opaque body.
+
+Holds the snapshot format, writing one durably (temp file, fsync, rename, fsync of the
+directory), reading and verifying one, and choosing which one recovery starts from. The
+body is whatever the core serialized; this module must never look inside it, and must never
+delete segments (the `Wal` decides what a new snapshot makes obsolete).
+
+Layout, little-endian, a 32-byte header then the body:
+
+    0   8s   magic      b"SPBSNAP\\x01"
+    8   u64  lsn        the state includes every record up to and including this LSN
+    16  u64  length     body length in bytes
+    24  u32  body_crc   CRC32C of the body
+    28  u32  head_crc   CRC32C of bytes 0..28
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from crc32c import crc32c
+
+from spinbroker.wal.errors import WalCorruption
+from spinbroker.wal.files import FileLayer, rename_durably, write_file_durably
+
+log = logging.getLogger("spinbroker.wal")
+
+MAGIC = b"SPBSNAP\x01"
+_HEAD = struct.Struct("<8sQQI")
+_HEAD_CRC = struct.Struct("<I")
+HEADER_SIZE = _HEAD.size + _HEAD_CRC.size
+_NAME = re.compile(r"snap-([0-9a-f]{16})\.snap")
+TMP_SUFFIX = ".tmp"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    lsn: int
+    body: bytes
+    path: Path
+
+
+class BadSnapshot(ValueError):
+    def __init__(self, offset: int, detail: str) -> None:
+        super().__init__(f"offset {offset}: {detail}")
+        self.offset = offset
+        self.detail = detail
+
+
+def snapshot_name(lsn: int) -> str:
+    return f"snap-{lsn:016x}.snap"
+
+
+def parse_snapshot_name(name: str) -> int | None:
+    match = _NAME.fullmatch(name)
+    return int(match.group(1), 16) if match else None
+
+
+def encode_snapshot(lsn: int, body: bytes) -> bytes:
+    head = _HEAD.pack(MAGIC, lsn, len(body), crc32c(body))
+    return head + _HEAD_CRC.pack(crc32c(head)) + body
+
+
+def decode_snapshot(data: bytes, expected_lsn: int) -> bytes:
+    """The body of a snapshot file; raises BadSnapshot."""
+    if len(data) < HEADER_SIZE:
+        raise BadSnapshot(0, f"file is {len(data)} bytes, shorter than a snapshot header")
+    magic, lsn, length, body_crc = _HEAD.unpack_from(data)
+    (head_crc,) = _HEAD_CRC.unpack_from(data, _HEAD.size)
+    if magic != MAGIC:
+        raise BadSnapshot(0, f"bad magic {magic!r}")
+    if crc32c(data[: _HEAD.size]) != head_crc:
+        raise BadSnapshot(0, "header checksum mismatch")
+    if lsn != expected_lsn:
+        raise BadSnapshot(8, f"header says LSN {lsn}, file name says {expected_lsn}")
+    if len(data) != HEADER_SIZE + length:
+        found = len(data) - HEADER_SIZE
+        raise BadSnapshot(HEADER_SIZE, f"body is {found} bytes, header says {length}")
+    body = data[HEADER_SIZE:]
+    if crc32c(body) != body_crc:
+        raise BadSnapshot(HEADER_SIZE, "body checksum mismatch")
+    return body
+
+
+def list_snapshots(files: FileLayer, directory: Path) -> list[tuple[int, Path]]:
+    """(LSN by name, path) of every snapshot file, oldest first."""
+    found = []
+    for name in files.listdir(directory):
+        lsn = parse_snapshot_name(name)
+        if lsn is not None:
+            found.append((lsn, directory / name))
+    return sorted(found)
+
+
+def read_snapshot(files: FileLayer, lsn: int, path: Path) -> Snapshot:
+    """Read and verify one snapshot; raises BadSnapshot."""
+    return Snapshot(lsn, decode_snapshot(files.read(path), lsn), path)
+
+
+def write_snapshot_file(files: FileLayer, directory: Path, lsn: int, body: bytes) -> Path:
+    """Write `snap-<lsn>.snap` so that it either exists whole and durable or not at all."""
+    write_snapshot_tmp(files, directory, lsn, body)
+    return publish_snapshot(files, directory, lsn)
+
+
+def snapshot_tmp_path(directory: Path, lsn: int) -> Path:
+    return directory / (snapshot_name(lsn) + TMP_SUFFIX)
+
+
+def write_snapshot_tmp(files: FileLayer, directory: Path, lsn: int, body: bytes) -> Path:
+    """First half of a snapshot write: the whole file under its temporary name, synced.
+    Safe to run in a forked child: it touches nothing but that file."""
+    tmp = snapshot_tmp_path(directory, lsn)
+    with contextlib.suppress(FileNotFoundError):
+        files.remove(tmp)
+    write_file_durably(files, tmp, encode_snapshot(lsn, body))
+    return tmp
+
+
+def publish_snapshot(files: FileLayer, directory: Path, lsn: int) -> Path:
+    """Second half: rename the synced temporary file into place and sync the directory."""
+    path = directory / snapshot_name(lsn)
+    rename_durably(files, snapshot_tmp_path(directory, lsn), path)
+    return path
+
+
+def choose_snapshot(
+    files: FileLayer, directory: Path, log_first: int, log_next: int
+) -> Snapshot | None:
+    """The newest valid snapshot, which the log must continue without a gap.
+
+    The log holds LSNs [log_first, log_next). An invalid newer snapshot is skipped with a
+    warning only if the chosen older one (or the log from LSN 1) still reaches past it;
+    otherwise recovery would silently lose state, so this raises WalCorruption naming it.
+    """
+    skipped: list[tuple[int, Path, BadSnapshot]] = []
+    chosen = None
+    for lsn, path in reversed(list_snapshots(files, directory)):
+        try:
+            chosen = read_snapshot(files, lsn, path)
+            break
+        except BadSnapshot as exc:
+            skipped.append((lsn, path, exc))
+    base = chosen.lsn if chosen is not None else 0
+    start = f"snapshot {base}" if chosen is not None else "LSN 1"
+    problem = None
+    if base + 1 < log_first:
+        problem = f"the log starts at LSN {log_first}, records after {start} are missing"
+    elif base >= log_next:
+        problem = f"snapshot {base} is past the end of the log (next LSN {log_next})"
+    elif skipped and skipped[0][0] >= log_next:
+        problem = f"the log ends before LSN {skipped[0][0]}"
+    if problem is not None:
+        if skipped:
+            _, path, bad = skipped[0]
+            raise WalCorruption(path, bad.offset, f"{bad.detail}; {problem}")
+        raise WalCorruption(chosen.path if chosen is not None else directory, 0, problem)
+    for _, path, bad in skipped:
+        log.warning(
+            "wal: skipping invalid snapshot %s (offset %d: %s); recovering from %s and the log",
+            path,
+            bad.offset,
+            bad.detail,
+            start,
+        )
+    return chosen

@@ -1,0 +1,272 @@
+"""Group commit: turning many `append`s into few writes and syncs, off the event loop.
+
+Holds `FsyncMode` and `GroupCommit`, the event-loop side of the log. `append` encodes a frame
+into a memory buffer and returns its LSN; it never blocks. One flush at a time runs on a
+dedicated IO thread (`SegmentWriter.flush`: one write, then one fdatasync); everything
+appended while a flush runs goes out together in the next one, so N concurrent committers
+cost about one sync per flush, not N. Must never touch a file from the event-loop thread,
+and must never release a `commit()` before the flush that covers its LSN has returned.
+
+Modes (what a resolved `commit()` means):
+
+* ``always``: the records are on disk: written and fdatasync'ed. A power loss loses nothing
+  acknowledged.
+* ``batch``: the records were written to the OS (they survive the broker process dying, not
+  a power loss or kernel crash). fdatasync runs at most every `batch_interval_ms`, and within
+  that long after any write. Loss window on power loss: up to about `batch_interval_ms` plus
+  one sync of acknowledged records.
+* ``off``: like batch but never syncs while running (only when a segment is sealed and on
+  `close`). For tests and benchmarks only: a power loss can lose any amount of acknowledged
+  records.
+
+Failures: when a write or sync raises, every `commit()` waiting for a record not yet durable
+raises `WalWriteError`, and so does each later one until a flush succeeds again. The records
+stay buffered, in order, and are written again (after truncating back to the last synced
+offset) by the next flush, which a later `append`/`commit`, or a retry timer, starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno as errnos
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from enum import StrEnum
+
+from spinbroker.wal.errors import WalClosed, WalWriteError
+from spinbroker.wal.frame import MAX_BODY, encode_record
+from spinbroker.wal.segment import SegmentWriter
+
+log = logging.getLogger("spinbroker.wal")
+
+RETRY_DELAY = 0.1
+
+
+class FsyncMode(StrEnum):
+    ALWAYS = "always"
+    BATCH = "batch"
+    OFF = "off"
+
+
+class GroupCommit:
+    """Buffers appends and runs flushes on one IO thread; see the module docstring."""
+
+    def __init__(
+        self, writer: SegmentWriter, mode: FsyncMode, batch_interval_ms: float, next_lsn: int
+    ) -> None:
+        self._writer = writer
+        self.mode = mode
+        self._interval = batch_interval_ms / 1000.0
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="spinbroker-wal")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._buffer: list[bytes] = []
+        self._next_lsn = next_lsn
+        self._written_lsn = next_lsn - 1
+        self._synced_lsn = next_lsn - 1
+        self._acked_lsn = next_lsn - 1
+        #: commit() callers: wait for the mode's acknowledgement, or for a sync.
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._sync_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._inflight: asyncio.Future[None] | None = None
+        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_sync = float("-inf")
+        #: The batch-mode timer fired: the next flush syncs.
+        self._sync_due = False
+        self._closed = False
+        #: The last flush failure, until a flush succeeds again.
+        self.error: WalWriteError | None = None
+
+    @property
+    def next_lsn(self) -> int:
+        return self._next_lsn
+
+    @property
+    def durable_lsn(self) -> int:
+        """The highest LSN whose commit() has resolved (per the mode's meaning)."""
+        return self._acked_lsn
+
+    @property
+    def synced_lsn(self) -> int:
+        return self._synced_lsn
+
+    def append(self, body: bytes) -> int:
+        if self._closed:
+            raise WalClosed("append on a closed log")
+        if len(body) > MAX_BODY:
+            raise ValueError(f"record body of {len(body)} bytes exceeds {MAX_BODY}")
+        lsn = self._next_lsn
+        self._buffer.append(encode_record(lsn, body))
+        self._next_lsn = lsn + 1
+        self._kick()
+        return lsn
+
+    async def commit(self) -> None:
+        """Resolve once every record appended so far is acknowledged (see the modes)."""
+        await self.wait_for(self._next_lsn - 1, sync=self.mode is FsyncMode.ALWAYS)
+
+    async def wait_for(self, lsn: int, *, sync: bool) -> None:
+        """Resolve once `lsn` is acknowledged, or synced if `sync`."""
+        if lsn <= (self._synced_lsn if sync else self._acked_lsn):
+            return
+        if self._closed:
+            raise WalClosed("commit on a closed log")
+        loop = self._bind_loop()
+        assert loop is not None
+        future: asyncio.Future[None] = loop.create_future()
+        (self._sync_waiters if sync else self._waiters).append((lsn, future))
+        self._kick()
+        await future
+
+    async def close(self) -> None:
+        """Write and sync everything appended, in every mode, then stop the IO thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._cancel_timer()
+        if self._inflight is not None:
+            await asyncio.wait([self._inflight])
+        frames, self._buffer = self._buffer, []
+        loop = asyncio.get_running_loop()
+        failure: BaseException | None = None
+        try:
+            await loop.run_in_executor(
+                self._executor, self._writer.flush, frames, self._next_lsn - 1, True
+            )
+        except Exception as exc:
+            failure = exc
+        self._settle(failure)
+        for _, future in (*self._waiters, *self._sync_waiters):
+            if not future.done():
+                future.set_exception(WalClosed("the log was closed"))
+        try:
+            await loop.run_in_executor(self._executor, self._writer.close)
+        except OSError as exc:
+            failure = failure or exc
+        finally:
+            self._executor.shutdown(wait=True)
+        if failure is not None:
+            raise _write_error(failure) from failure
+
+    # -- scheduling (event-loop thread) ---------------------------------------------------
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop | None:
+        if self._loop is None:
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return None
+        return self._loop
+
+    def _kick(self) -> None:
+        if self._inflight is not None or self._scheduled or self._closed:
+            return
+        loop = self._bind_loop()
+        if loop is not None:
+            self._scheduled = True
+            loop.call_soon(self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._scheduled = False
+        if self._inflight is not None or self._closed:
+            return
+        last = self._next_lsn - 1
+        sync = self._sync_now(last)
+        if not self._buffer and not sync and self._written_lsn >= last:
+            return
+        self._cancel_timer()
+        frames, self._buffer = self._buffer, []
+        loop = self._loop
+        assert loop is not None
+        if sync:
+            self._last_sync = loop.time()
+            self._sync_due = False
+        flush = self._writer.flush
+        self._inflight = loop.run_in_executor(self._executor, flush, frames, last, sync)
+        self._inflight.add_done_callback(self._flush_done)
+
+    def _sync_now(self, last: int) -> bool:
+        """Whether the next flush should end with an fdatasync."""
+        if self._synced_lsn >= last:
+            return False
+        if self.mode is FsyncMode.ALWAYS or self._sync_waiters or self._sync_due:
+            return True
+        if self.mode is FsyncMode.OFF:
+            return False
+        loop = self._loop
+        assert loop is not None
+        return loop.time() - self._last_sync >= self._interval
+
+    def _flush_done(self, future: asyncio.Future[None]) -> None:
+        self._inflight = None
+        failure = future.exception()
+        self._settle(failure)
+        if self._closed:
+            return
+        if failure is not None:
+            self._arm_timer(RETRY_DELAY)
+            return
+        if self._buffer or self._waiters or self._sync_waiters:
+            self._start_flush()
+        if self._synced_lsn < self._written_lsn and self.mode is FsyncMode.BATCH:
+            self._arm_timer(max(0.0, self._last_sync + self._interval - self._loop_time()))
+
+    def _settle(self, failure: BaseException | None) -> None:
+        """Release the waiters a finished flush covers; fail the rest if it failed."""
+        self._synced_lsn = self._writer.synced_lsn
+        if failure is None:
+            self._written_lsn = self._writer.written_lsn
+            self.error = None
+            synced_only = self.mode is FsyncMode.ALWAYS
+            self._acked_lsn = max(
+                self._acked_lsn, self._synced_lsn if synced_only else self._written_lsn
+            )
+        else:
+            self._written_lsn = self._synced_lsn
+            self._acked_lsn = max(self._acked_lsn, self._synced_lsn)
+            self.error = _write_error(failure)
+            log.error("wal: %s", self.error)
+        self._waiters = _release(self._waiters, self._acked_lsn, failure)
+        self._sync_waiters = _release(self._sync_waiters, self._synced_lsn, failure)
+
+    def _arm_timer(self, delay: float) -> None:
+        if self._timer is None and self._loop is not None:
+            self._timer = self._loop.call_later(delay, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._sync_due = self.mode is FsyncMode.BATCH
+        self._kick()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _loop_time(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+
+def _release(
+    waiters: list[tuple[int, asyncio.Future[None]]], lsn: int, failure: BaseException | None
+) -> list[tuple[int, asyncio.Future[None]]]:
+    """Resolve the waiters up to `lsn`; fail all others if the flush failed. Returns the rest."""
+    remaining = []
+    for target, future in waiters:
+        if future.done():
+            continue
+        if target <= lsn:
+            future.set_result(None)
+        elif failure is not None:
+            future.set_exception(_write_error(failure))
+        else:
+            remaining.append((target, future))
+    return remaining
+
+
+def _write_error(failure: BaseException) -> WalWriteError:
+    if isinstance(failure, OSError):
+        name = errnos.errorcode.get(failure.errno or 0, "error")
+        return WalWriteError(f"log write failed ({name}): {failure}", failure.errno)
+    return WalWriteError(f"log write failed: {failure!r}")

@@ -1,0 +1,164 @@
+"""Group commit: concurrent committers share flushes; nothing is acknowledged early."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+from spinbroker.wal import Wal
+from spinbroker.wal.files import OsFiles, WalFile
+from spinbroker.wal.memfiles import MemoryFiles
+
+D = Path("/data/wal")
+
+
+def open_wal(fs: MemoryFiles, **options: object) -> Wal:
+    wal, _ = Wal.open(D, files=fs, segment_size=1 << 16, **options)  # type: ignore[arg-type]
+    return wal
+
+
+async def test_commits_appended_in_one_loop_turn_share_one_sync() -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs)
+    syncs, writes = fs.calls["datasync"], fs.calls["write"]
+
+    async def one(i: int) -> int:
+        lsn = wal.append(b"record %d" % i)
+        await wal.commit()
+        assert wal.durable_lsn >= lsn
+        return lsn
+
+    lsns = await asyncio.gather(*(one(i) for i in range(100)))
+    assert sorted(lsns) == list(range(1, 101))
+    assert fs.calls["datasync"] - syncs == 1
+    assert fs.calls["write"] - writes == 1
+    await wal.close()
+
+
+async def test_appends_during_a_flush_share_the_next_one() -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs)
+    syncs = fs.calls["datasync"]
+    in_sync, release = threading.Event(), threading.Event()
+
+    def slow_disk(path: Path) -> None:
+        in_sync.set()
+        release.wait()
+
+    fs.hooks["datasync"] = slow_disk
+    wal.append(b"first")
+    first = asyncio.ensure_future(wal.commit())
+    await asyncio.to_thread(in_sync.wait)  # flush 1 is inside fdatasync now
+
+    async def one(i: int) -> None:
+        wal.append(b"later %d" % i)
+        await wal.commit()
+
+    later = [asyncio.ensure_future(one(i)) for i in range(99)]
+    await asyncio.sleep(0)  # each task appends and waits
+    assert wal.last_lsn == 100 and wal.durable_lsn == 0
+    assert not first.done() and not any(task.done() for task in later)
+    del fs.hooks["datasync"]
+    release.set()
+    await asyncio.gather(first, *later)
+    assert fs.calls["datasync"] - syncs == 2
+    await wal.close()
+
+
+async def test_commit_waits_for_the_sync() -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs)
+    in_sync, release = threading.Event(), threading.Event()
+
+    def slow_disk(path: Path) -> None:
+        in_sync.set()
+        release.wait()
+
+    fs.hooks["datasync"] = slow_disk
+    wal.append(b"record")
+    commit = asyncio.ensure_future(wal.commit())
+    await asyncio.to_thread(in_sync.wait)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not commit.done()
+    assert fs.durable_content(D / "wal-0000000000000001.log").count(b"record") == 0
+    release.set()
+    await commit
+    assert fs.durable_content(D / "wal-0000000000000001.log").count(b"record") == 1
+    await wal.close()
+
+
+async def test_commit_with_nothing_new_returns_at_once() -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs)
+    await wal.commit()
+    wal.append(b"one")
+    await wal.commit()
+    syncs = fs.calls["datasync"]
+    await wal.commit()
+    assert fs.calls["datasync"] == syncs
+    await wal.close()
+
+
+class CountingFile:
+    """A real file whose fdatasync calls are counted."""
+
+    def __init__(self, handle: WalFile, counter: list[int]) -> None:
+        self._handle = handle
+        self._counter = counter
+        self.pwrite = handle.pwrite
+        self.sync = handle.sync
+        self.truncate = handle.truncate
+        self.allocate = handle.allocate
+        self.size = handle.size
+        self.close = handle.close
+
+    def datasync(self) -> None:
+        self._counter[0] += 1
+        self._handle.datasync()
+
+
+class CountingFiles(OsFiles):
+    def __init__(self) -> None:
+        self.syncs = [0]
+
+    def create(self, path: Path) -> WalFile:
+        return CountingFile(super().create(path), self.syncs)
+
+    def open(self, path: Path) -> WalFile:
+        return CountingFile(super().open(path), self.syncs)
+
+
+async def test_real_disk_batches_many_committers(tmp_path: Path) -> None:
+    files = CountingFiles()
+    wal, _ = Wal.open(tmp_path, files=files, segment_size=1 << 20)
+
+    async def committer(i: int) -> None:
+        for j in range(10):
+            wal.append(b"committer %d record %d" % (i, j))
+            await wal.commit()
+
+    await asyncio.gather(*(committer(i) for i in range(100)))
+    assert wal.durable_lsn == 1000
+    print(f"{files.syncs[0]} fdatasync calls for 1000 commits")
+    assert files.syncs[0] <= 100, files.syncs
+    await wal.close()
+
+
+async def test_batch_mode_acks_after_write_and_syncs_within_the_interval() -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs, fsync="batch", batch_interval_ms=20)
+    wal.append(b"one")
+    await wal.commit()
+    synced = threading.Event()
+    fs.hooks["datasync"] = lambda path: synced.set()
+    for i in range(50):
+        wal.append(b"more %d" % i)
+        await wal.commit()
+    assert wal.durable_lsn == 51
+    assert wal.synced_lsn < 51 or synced.is_set()
+    assert await asyncio.to_thread(synced.wait, 5.0)
+    while wal.synced_lsn < 51:  # the flush that synced reports back on the loop
+        await asyncio.sleep(0)
+    await wal.close()

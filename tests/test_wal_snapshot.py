@@ -1,0 +1,219 @@
+"""Segment rolls, snapshots, what a snapshot deletes, and which one recovery picks."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import pytest
+
+from spinbroker.wal import Wal, WalCorruption
+from spinbroker.wal.memfiles import MemoryFiles
+from spinbroker.wal.repair import repair
+from spinbroker.wal.snapshot import encode_snapshot, snapshot_name
+
+D = Path("/data/wal")
+
+
+def open_wal(fs: MemoryFiles, **options: object) -> Wal:
+    options.setdefault("segment_size", 1024)
+    wal, _ = Wal.open(D, files=fs, **options)  # type: ignore[arg-type]
+    return wal
+
+
+def names(fs: MemoryFiles, suffix: str) -> list[str]:
+    return sorted(n for n in fs.listdir(D) if n.endswith(suffix))
+
+
+async def fill(wal: Wal, count: int) -> None:
+    for _ in range(count):
+        lsn = wal.next_lsn
+        wal.append(b"record %04d " % lsn * 5)
+        await wal.commit()
+
+
+def body(lsn: int) -> bytes:
+    return b"record %04d " % lsn * 5
+
+
+async def test_segments_roll_by_size_named_by_first_lsn() -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs)
+    await fill(wal, 100)
+    segments = names(fs, ".log")
+    assert len(segments) >= 5
+    assert segments[0] == "wal-0000000000000001.log"
+    firsts = [int(n[4:20], 16) for n in segments]
+    assert firsts == sorted(firsts)
+    for name in segments[:-1]:
+        assert 1024 <= len(fs.read(D / name)) < 1024 + 100
+    await wal.close()
+    wal = open_wal(fs)
+    _, records = wal.load()
+    assert [b for _, b in records] == [body(i) for i in range(1, 101)]
+    await wal.close()
+
+
+async def test_snapshot_deletes_wholly_covered_segments() -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs, keep_snapshots=1)
+    await fill(wal, 100)
+    before = names(fs, ".log")
+    await wal.write_snapshot(60, b"state at 60")
+    after = names(fs, ".log")
+    firsts = [int(n[4:20], 16) for n in before]
+    kept_from = max(first for first in firsts if first <= 61)
+    assert after == [n for n, first in zip(before, firsts, strict=True) if first >= kept_from]
+    assert names(fs, ".snap") == [snapshot_name(60)]
+    await fill(wal, 20)
+    await wal.write_snapshot(115, b"state at 115")
+    assert names(fs, ".snap") == [snapshot_name(115)]
+    await wal.close()
+
+    wal = open_wal(fs, keep_snapshots=1)
+    snapshot, records = wal.load()
+    assert snapshot is not None and (snapshot.lsn, snapshot.body) == (115, b"state at 115")
+    assert [lsn for lsn, _ in records] == list(range(116, 121))
+    await wal.close()
+
+
+async def test_snapshot_of_everything_leaves_an_empty_active_segment() -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs, keep_snapshots=1)
+    await fill(wal, 50)
+    await wal.write_snapshot(50, b"all")
+    await fill(wal, 1)
+    await wal.write_snapshot(51, b"all+1")
+    await wal.close()
+    wal = open_wal(fs, keep_snapshots=1)
+    snapshot, records = wal.load()
+    assert snapshot is not None and snapshot.lsn == 51 and list(records) == []
+    assert wal.append(b"next") == 52
+    await wal.close()
+
+
+async def test_invalid_newest_snapshot_falls_back_to_the_previous_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs)  # keeps 2 snapshots and the segments after the older
+    await fill(wal, 40)
+    await wal.write_snapshot(30, b"state at 30")
+    await fill(wal, 40)
+    await wal.write_snapshot(70, b"state at 70")
+    await fill(wal, 5)
+    await wal.close()
+    newest = D / snapshot_name(70)
+    damaged = bytearray(fs.read(newest))
+    damaged[-3] ^= 0xFF
+    fs.corrupt(newest, bytes(damaged))
+
+    wal = open_wal(fs)
+    caplog.set_level(logging.WARNING, logger="spinbroker.wal")
+    snapshot, records = wal.load()
+    assert snapshot is not None and snapshot.lsn == 30
+    assert [lsn for lsn, _ in records] == list(range(31, 86))
+    assert "skipping invalid snapshot" in caplog.text and snapshot_name(70) in caplog.text
+    await wal.close()
+
+
+async def test_invalid_snapshot_without_fallback_is_refused() -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs, keep_snapshots=1)
+    await fill(wal, 60)
+    await wal.write_snapshot(50, b"state at 50")
+    await wal.close()
+    path = D / snapshot_name(50)
+    fs.corrupt(path, fs.read(path)[:-1])
+    wal = open_wal(fs, keep_snapshots=1)
+    with pytest.raises(WalCorruption) as refused:
+        wal.load()
+    assert refused.value.file == path
+    await wal.close()
+
+
+async def test_snapshot_written_by_hand_ahead_of_the_log_is_refused() -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs)
+    await fill(wal, 5)
+    await wal.close()
+    handle = fs.create(D / snapshot_name(9))
+    handle.pwrite(encode_snapshot(9, b"from the future"), 0)
+    wal = open_wal(fs)
+    with pytest.raises(WalCorruption, match="past the end of the log"):
+        wal.load()
+    await wal.close()
+
+
+async def test_snapshot_lsn_must_be_appended() -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs)
+    await fill(wal, 3)
+    for bad in (0, 4):
+        with pytest.raises(ValueError):
+            await wal.write_snapshot(bad, b"x")
+    await wal.close()
+
+
+async def test_load_after_append_is_refused() -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs)
+    wal.append(b"x")
+    with pytest.raises(RuntimeError):
+        wal.load()
+    await wal.close()
+
+
+def flip_record_in(fs: MemoryFiles, path: Path, skip: int) -> None:
+    """Flip a bit in the body of the record after the first `skip` of a segment."""
+    data = bytearray(fs.read(path))
+    offset = 24
+    for _ in range(skip):
+        offset += 20 + int.from_bytes(data[offset : offset + 4], "little")
+    data[offset + 22] ^= 0x08
+    fs.corrupt(path, bytes(data))
+
+
+async def test_repair_drops_a_damaged_segment_a_snapshot_covers() -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs)
+    await fill(wal, 30)
+    await wal.write_snapshot(10, b"state at 10")
+    await wal.write_snapshot(30, b"state at 30")
+    await fill(wal, 30)
+    await wal.close()
+    segments = names(fs, ".log")
+    covered = [n for n, nxt in itertools.pairwise(segments) if int(nxt[4:20], 16) <= 31]
+    assert covered, segments
+    flip_record_in(fs, D / covered[-1], 1)
+    with pytest.raises(WalCorruption):
+        open_wal(fs)
+
+    report = repair(D, fs)
+    assert report.truncated == [] and report.remaining is None
+    assert [p.name for p in report.moved] == covered
+    wal = open_wal(fs)
+    snapshot, records = wal.load()
+    assert snapshot is not None and snapshot.lsn == 30
+    assert [b for _, b in records] == [body(i) for i in range(31, 61)]
+    await wal.close()
+
+
+async def test_repair_prefers_a_snapshot_past_the_cut() -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs, segment_size=1 << 16, keep_snapshots=1)
+    await fill(wal, 40)
+    await wal.write_snapshot(30, b"state at 30")
+    await wal.close()
+    flip_record_in(fs, D / "wal-0000000000000001.log", 20)
+
+    report = repair(D, fs)
+    assert report.truncated == [(D / "wal-0000000000000001.log", report.truncated[0][1])]
+    assert [p.name for p in report.moved] == ["wal-0000000000000001.log"]
+    assert report.remaining is None
+    wal = open_wal(fs, keep_snapshots=1)
+    snapshot, records = wal.load()
+    assert snapshot is not None and snapshot.lsn == 30 and list(records) == []
+    assert wal.append(b"next") == 31
+    await wal.close()
