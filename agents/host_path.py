@@ -18,6 +18,7 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -284,3 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         add_arguments,
         argv,
     )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -58,13 +58,14 @@ from spinbroker.client import (
     ShuttingDown,
     UnknownVerb,
 )
-from spinbroker.config import DEFAULT_PORT
+from spinbroker.config import DEFAULT_DATA_DIR, SOCKET_NAME
 from spinbroker.schema import (
     ACTION_NAME,
     ActionSpec,
     Param,
     ResourceSchema,
     SchemaError,
+    optional,
     params_from_signature,
 )
 
@@ -86,7 +87,8 @@ __all__ = [
 CONTEXT_PARAMETER: Final = "ctx"
 #: Longest reason sent with COMPLETE; longer ones are cut (the full text is logged).
 MAX_REASON: Final = 2000
-DEFAULT_ADDRESS: Final = f"127.0.0.1:{DEFAULT_PORT}"
+#: The same default as the CLI's: the Unix socket of `make serve`'s data dir.
+DEFAULT_ADDRESS: Final = f"unix:{DEFAULT_DATA_DIR / SOCKET_NAME}"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -256,6 +258,10 @@ class Agent:
             unknown = sorted(set(given) - set(derived))
             if unknown:
                 raise SchemaError(f"{name}: {', '.join(unknown)} not parameters of the handler")
+            for key, given_spec in given.items():
+                # A spec given without a default keeps the handler's default, if it has one.
+                if given_spec.required and not derived[key].required:
+                    given[key] = optional(given_spec, derived[key].default)
             spec = ActionSpec({**derived, **given}, description=inspect.getdoc(handler) or "")
         elif params:
             raise ValueError("give either a spec or single parameters, not both")
