@@ -652,10 +652,7 @@ class Client:
         the call: the broker may deliver to a NEXT whose caller is gone, and that command
         then stays leased until the connection closes or the ttr runs out.
         """
-        args: dict[str, Any] = {"resource": resource}
-        _put(args, "timeout", timeout)
-        _put(args, "ttr", ttr)
-        kind, body = await self.request("NEXT", args)
+        kind, body = await self.request("NEXT", _next_args(resource, timeout, ttr))
         return None if kind == "empty" else DeliveredCommand.from_wire(body)
 
     async def touch(
@@ -680,6 +677,26 @@ class Client:
         _put(args, "delivery", delivery)
         return str((await self._ok("COMPLETE", args))["state"])
 
+    async def complete_and_next(
+        self,
+        command: str,
+        success: bool,
+        resource: str,
+        *,
+        reason: str | None = None,
+        delivery: int | None = None,
+        timeout: float | None = None,
+        ttr: float | None = None,
+    ) -> DeliveredCommand | None:
+        """COMPLETE `command`, then take the next command of `resource`, in one round trip.
+        Returns what NEXT would (None on timeout); the completion is durable by then."""
+        args: dict[str, Any] = {"command": command, "success": bool(success)}
+        _put(args, "reason", reason)
+        _put(args, "delivery", delivery)
+        args["next"] = _next_args(resource, timeout, ttr)
+        kind, body = await self.request("COMPLETE", args)
+        return None if kind == "empty" else DeliveredCommand.from_wire(body)
+
     async def cancel(self, package: str) -> int:
         """Cancel what has not been delivered yet; returns how many commands it cancelled."""
         return int((await self._ok("CANCEL", {"package": package}))["cancelled"])
@@ -690,3 +707,10 @@ class Client:
     async def announce(self, resource: str, schema: Mapping[str, Any]) -> None:
         """Declare the schema commands for `resource` must fit (an agent does this)."""
         await self._ok("ANNOUNCE", {"resource": resource, "schema": schema})
+
+
+def _next_args(resource: str, timeout: float | None, ttr: float | None) -> dict[str, Any]:
+    args: dict[str, Any] = {"resource": resource}
+    _put(args, "timeout", timeout)
+    _put(args, "ttr", ttr)
+    return args

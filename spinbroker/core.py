@@ -506,8 +506,7 @@ class Broker:
     def _lease(self, cmd: Command, waiter: Waiter, now: float) -> None:
         deadline = None if waiter.ttr is None else now + waiter.ttr
         owner = waiter.owner if waiter.ttr is None else None
-        cmd.ttr = waiter.ttr
-        self._commit(CommandLeased(cmd.id, cmd.delivery + 1, owner, deadline, now))
+        self._commit(CommandLeased(cmd.id, cmd.delivery + 1, owner, deadline, now, waiter.ttr))
 
     def _dispatch(self, now: float) -> None:
         """Serve blocked agents from queues that gained ready commands, first come first
@@ -536,8 +535,7 @@ class Broker:
             return None
         ttr = cmd.ttr if ttr is None else ttr
         assert ttr is not None
-        cmd.ttr = ttr
-        self._commit(LeaseTouched(command_id, now + ttr, now))
+        self._commit(LeaseTouched(command_id, now + ttr, now, ttr))
         return ttr
 
     def complete(
@@ -571,10 +569,11 @@ class Broker:
 
     def recover_leases(self, now: float) -> None:
         """After a restart no lease is held: every leased command is ready again in its
-        original place, its delivery count kept. Called once, after replay."""
+        original place, its delivery count kept; one that has used up max_deliveries
+        fails instead, as for any lost lease. Called once, after replay."""
         leased = [c for c in self.commands.values() if c.state is LEASED]
         for cmd in sorted(leased, key=lambda c: c.order):
-            self._commit(LeaseReleased(cmd.id, now))
+            self._end_lease(cmd, now)
 
     def _end_lease(self, cmd: Command, now: float) -> None:
         if cmd.delivery >= self.limits.max_deliveries:
@@ -670,9 +669,10 @@ class Broker:
                 self._apply_added(package_id, specs)
             case PackageEnqueued(package_id, _):
                 self._apply_enqueued(package_id)
-            case LeaseTouched(command_id, deadline, _):
+            case LeaseTouched(command_id, deadline, _, ttr):
                 cmd = self.commands[command_id]
                 cmd.lease_deadline = deadline
+                cmd.ttr = ttr
                 self.schedule_lease_expiry(cmd, deadline)
             case LeaseReleased(command_id, _):
                 self._apply_released(self.commands[command_id])
@@ -766,13 +766,12 @@ class Broker:
         self._move(cmd, LEASED)
         q.leased += 1
         cmd.delivery = rec.delivery
+        cmd.ttr = rec.ttr
         cmd.lease_owner = rec.owner
         cmd.lease_deadline = rec.deadline
         if rec.owner is not None:
             self._owner_leases.setdefault(rec.owner, set()).add(cmd)
         if rec.deadline is not None:
-            if cmd.ttr is None:
-                cmd.ttr = rec.deadline - rec.at
             self.schedule_lease_expiry(cmd, rec.deadline)
 
     def _drop_lease(self, cmd: Command) -> None:
@@ -825,17 +824,24 @@ class Broker:
 
     def _cancel_through(self, cmd: Command, dead: Command) -> None:
         """Cancel `cmd` because its dependency `dead` failed or was cancelled. The reason
-        names the root of the chain: the command that failed (or was cancelled by CANCEL)."""
-        causer = dead.causer or dead.id
-        root = self.commands.get(causer, dead)
-        failed = root.state is FAILED
-        reason = f"dependency {causer} {'failed' if failed else 'was cancelled'}"
+        names the root of the chain, the command that failed (or was cancelled by CANCEL),
+        and the root's own reason; it is passed down the chain as is, so it never depends
+        on the root still being in memory."""
+        if dead.causer is not None:  # `dead` was itself cancelled through the root
+            causer, reason = dead.causer, dead.reason or f"dependency {dead.causer} failed"
+        elif dead.state is FAILED:
+            causer = dead.id
+            reason = f"dependency {dead.id} failed"
+            if dead.reason:
+                reason = f"{reason}: {dead.reason}"
+        else:
+            causer, reason = dead.id, f"dependency {dead.id} was cancelled"
         cmd.reason = reason
         cmd.causer = causer
         pkg = cmd.package
         if pkg.causer is None:
             pkg.causer = causer
-            pkg.reason = f"{reason}: {root.reason}" if failed and root.reason else reason
+            pkg.reason = reason
         self._settle(cmd, CANCELLED)
 
     def _settle(self, cmd: Command, state: CommandState) -> None:

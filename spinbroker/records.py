@@ -69,6 +69,8 @@ class CommandLeased:
     #: Absolute expiry of a ttr lease; None for a connection lease.
     deadline: float | None
     at: float
+    #: The ttr the lease was taken with (None: a connection lease).
+    ttr: float | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -76,6 +78,8 @@ class LeaseTouched:
     command: str
     deadline: float
     at: float
+    #: The ttr now in force.
+    ttr: float | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -150,10 +154,10 @@ def to_wire(rec: Record) -> list[Any]:
             return ["enqueued", p, at]
         case PackageSubmitted(p, cmds, at):
             return ["submitted", p, [c.to_wire() for c in cmds], at]
-        case CommandLeased(c, delivery, owner, deadline, at):
-            return ["leased", c, delivery, owner, deadline, at]
-        case LeaseTouched(c, deadline, at):
-            return ["touched", c, deadline, at]
+        case CommandLeased(c, delivery, owner, deadline, at, ttr):
+            return ["leased", c, delivery, owner, deadline, at, ttr]
+        case LeaseTouched(c, deadline, at, ttr):
+            return ["touched", c, deadline, at, ttr]
         case LeaseReleased(c, at):
             return ["released", c, at]
         case CommandCompleted(c, success, reason, at):
@@ -182,9 +186,9 @@ def from_wire(w: list[Any]) -> Record:
         if tag == "submitted":
             return PackageSubmitted(w[1], tuple(CommandSpec.from_wire(c) for c in w[2]), w[3])
         if tag == "leased":
-            return CommandLeased(w[1], w[2], w[3], w[4], w[5])
+            return CommandLeased(w[1], w[2], w[3], w[4], w[5], w[6])
         if tag == "touched":
-            return LeaseTouched(w[1], w[2], w[3])
+            return LeaseTouched(w[1], w[2], w[3], w[4])
         if tag == "released":
             return LeaseReleased(w[1], w[2])
         if tag == "completed":
@@ -197,6 +201,6 @@ def from_wire(w: list[Any]) -> Record:
             return PackageForgotten(w[1], w[2])
         if tag == "announced":
             return SchemaAnnounced(w[1], w[2], w[3])
-    except (IndexError, TypeError) as exc:
+    except (IndexError, KeyError, TypeError) as exc:
         raise ValueError(f"malformed record {w!r}: {exc}") from exc
     raise ValueError(f"unknown record tag {w[0]!r}")

@@ -639,10 +639,17 @@ class Server:
         self._block(conn, blocked, timeout)
 
     def _next(self, conn: Connection, req: Request) -> None:
-        args = req.args
-        resource = requests.string(args, "resource")
-        timeout = requests.seconds(args, "timeout")
-        ttr = requests.positive_seconds(args, "ttr")
+        self._take(conn, req, *_next_args(req.args))
+
+    def _take(
+        self,
+        conn: Connection,
+        req: Request,
+        resource: str,
+        timeout: float | None,
+        ttr: float | None,
+    ) -> None:
+        """NEXT: deliver the first ready command of `resource`, or park until one is."""
         blocked = Blocked(conn, req)
         waiter = Waiter(blocked, conn.id, ttr)
         block = timeout != 0
@@ -685,8 +692,18 @@ class Server:
         success = requests.boolean(args, "success")
         reason = requests.optional_str(args, "reason")
         delivery = requests.optional_int(args, "delivery")
-        state = self.core.complete(command_id, success, reason, delivery, self.clock())
-        conn.reply(req, "ok", {"command": command_id, "state": state.value})
+        then = args.get("next")
+        if then is None:
+            state = self.core.complete(command_id, success, reason, delivery, self.clock())
+            conn.reply(req, "ok", {"command": command_id, "state": state.value})
+            return
+        # COMPLETE + NEXT in one round trip: the reply is NEXT's; it leaves only once the
+        # completion is durable (the completion's record comes before any lease's).
+        if not isinstance(then, dict):
+            raise BrokerError(ErrorCode.BAD_REQUEST, "argument 'next' must be a map")
+        next_args = _next_args(then)
+        self.core.complete(command_id, success, reason, delivery, self.clock())
+        self._take(conn, req, *next_args)
 
     def _cancel(self, conn: Connection, req: Request) -> None:
         package_id = requests.string(req.args, "package")
@@ -708,6 +725,14 @@ class Server:
         body = self.core.stats()
         body["connections"] = len(self.connections)
         conn.reply(req, "ok", body)
+
+
+def _next_args(args: dict[str, Any]) -> tuple[str, float | None, float | None]:
+    return (
+        requests.string(args, "resource"),
+        requests.seconds(args, "timeout"),
+        requests.positive_seconds(args, "ttr"),
+    )
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

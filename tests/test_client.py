@@ -800,3 +800,19 @@ async def test_real_connection_limit(short_dir: Path) -> None:
             await second.ping()
         await second.close()
         await first.ping()
+
+
+async def test_complete_and_next_through_the_client(server: Any) -> None:
+    from spinbroker.client import Client
+
+    async with await Client.connect(f"unix:{server.socket_path}") as c:
+        pkg, (a, b) = await c.submit(
+            [{"resource": "cn", "action": "one"}, {"resource": "cn", "action": "two"}]
+        )
+        got = await c.next("cn")
+        assert got is not None and got.id == a
+        nxt = await c.complete_and_next(a, True, "cn", delivery=got.delivery)
+        assert nxt is not None and nxt.id == b
+        assert await c.complete_and_next(b, True, "cn", timeout=0) is None
+        status = await c.wait(pkg, timeout=5)
+        assert status is not None and status.state == "succeeded"

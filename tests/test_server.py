@@ -387,3 +387,28 @@ async def test_announced_schema_refuses_bad_commands_at_add(raw: Connect) -> Non
     )
     bad = await c.call("ANNOUNCE", {"resource": "x", "schema": {"schema": 99}})
     assert bad[1] == "error" and bad[2]["code"] == "bad_request"
+
+
+async def test_complete_with_next_is_one_round_trip(raw: Connect) -> None:
+    producer: RawMsgpack = await raw()
+    body = await producer.ok(
+        "SUBMIT", {"commands": [{"resource": "r", "action": f"a{i}"} for i in range(2)]}
+    )
+    first, second = body["commands"]
+    agent: RawMsgpack = await raw()
+    got = await agent.ok("NEXT", {"resource": "r"})
+    assert got["id"] == first
+    got = await agent.ok("COMPLETE", {"command": first, "success": True, "next": {"resource": "r"}})
+    assert got["id"] == second  # the reply is the next command
+    assert (await producer.ok("STATUS", {"id": first}))["state"] == "succeeded"
+    msg = await agent.call(
+        "COMPLETE", {"command": second, "success": True, "next": {"resource": "r", "timeout": 0}}
+    )
+    assert msg[1:] == ["empty", None]
+    assert (await producer.ok("STATUS", {"id": body["package"]}))["state"] == "succeeded"
+    # A bad `next` leaves the command uncompleted.
+    await producer.ok("SUBMIT", {"commands": [{"resource": "r", "action": "x"}]})
+    got = await agent.ok("NEXT", {"resource": "r"})
+    msg = await agent.call("COMPLETE", {"command": got["id"], "success": True, "next": 5})
+    assert msg[1] == "error" and msg[2]["code"] == "bad_request"
+    assert (await producer.ok("STATUS", {"id": got["id"]}))["state"] == "leased"
