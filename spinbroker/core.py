@@ -55,6 +55,7 @@ from .records import (
 )
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}")
+GOOD_NAMES_MAX = 10_000
 
 
 class CommandState(StrEnum):
@@ -84,7 +85,7 @@ SUCCEEDED = CommandState.SUCCEEDED
 FAILED = CommandState.FAILED
 CANCELLED = CommandState.CANCELLED
 SETTLED = frozenset({SUCCEEDED, FAILED, CANCELLED})
-_ZERO_COUNTS: dict[CommandState, int] = dict.fromkeys(CommandState, 0)
+_STATE_NAMES = tuple(s.value for s in CommandState)
 
 
 @dataclass(slots=True)
@@ -170,9 +171,9 @@ class Command:
 class Package:
     __slots__ = (
         "cancel_requested",
+        "cancelled_any",
         "causer",
         "commands",
-        "counts",
         "created_at",
         "enqueued",
         "expired",
@@ -186,7 +187,8 @@ class Package:
         self.id = package_id
         self.created_at = created_at
         self.commands: list[Command] = []
-        self.counts: dict[CommandState, int] = _ZERO_COUNTS.copy()
+        #: Whether any command of the package was cancelled (for the `cancelled` state).
+        self.cancelled_any = False
         self.unsettled = 0
         self.enqueued = False
         self.cancel_requested = False
@@ -209,13 +211,21 @@ class Package:
             return PackageState.EXPIRED
         if self.causer is not None:
             return PackageState.FAILED
-        if self.cancel_requested and (self.counts[CANCELLED] or not self.enqueued):
+        if self.cancel_requested and (self.cancelled_any or not self.enqueued):
             return PackageState.CANCELLED
         if not self.enqueued:
             return PackageState.OPEN
         if self.finished:
             return PackageState.SUCCEEDED
         return PackageState.PENDING
+
+    def counts(self) -> dict[str, int]:
+        """Commands per state. Counted when asked (STATUS), not kept up to date on every
+        transition: the hot paths stay cheaper and each package smaller."""
+        counts = dict.fromkeys(_STATE_NAMES, 0)
+        for cmd in self.commands:
+            counts[cmd.state.value] += 1
+        return counts
 
     def status(self, with_commands: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -225,7 +235,7 @@ class Package:
             "finished": self.finished,
             "causer": self.causer,
             "reason": self.reason,
-            "counts": {s.value: n for s, n in self.counts.items()},
+            "counts": self.counts(),
         }
         if with_commands:
             out["commands"] = [c.status() for c in self.commands]
@@ -319,6 +329,7 @@ class Broker:
         self._ttl_heap: list[tuple[float, str]] = []
         self._retention_heap: list[tuple[float, str]] = []
         self._tiebreak = 0
+        self._good_names: set[str] = set()
         #: The time of the record being applied (finish times come from it).
         self._now = 0.0
 
@@ -402,7 +413,7 @@ class Broker:
                 f"a package holds at most {limits.max_commands_per_package} commands",
             )
         specs: list[CommandSpec] = []
-        own = {c.id for c in pkg.commands} if pkg is not None and commands else set()
+        earlier: set[str] = set()  # ids of this request's commands so far
         for i, nc in enumerate(commands):
             where = f"command {i}: " if len(commands) > 1 else ""
             self._check_command(nc, where)
@@ -416,7 +427,7 @@ class Broker:
                         )
                     deps.append(ids[dep])
                     continue
-                if dep not in own and not self._enqueued_command(dep):
+                if dep not in earlier and not self._may_depend_on(dep, pkg):
                     raise BrokerError(
                         ErrorCode.UNKNOWN_DEPENDENCY,
                         f"{where}dependency {dep} names no command of this package "
@@ -424,16 +435,23 @@ class Broker:
                     )
                 deps.append(dep)
             specs.append(CommandSpec(ids[i], nc.resource, nc.action, nc.parameters, tuple(deps)))
-            own.add(ids[i])
+            earlier.add(ids[i])
         return tuple(specs)
 
-    def _enqueued_command(self, command_id: str) -> bool:
+    def _may_depend_on(self, command_id: str, pkg: Package | None) -> bool:
+        """A dependency must be a command of the same package or of an enqueued one."""
         cmd = self.commands.get(command_id)
-        return cmd is not None and cmd.package.enqueued
+        return cmd is not None and (cmd.package is pkg or cmd.package.enqueued)
 
     def _check_command(self, nc: NewCommand, where: str) -> None:
         for field, value in (("resource", nc.resource), ("action", nc.action)):
-            if not NAME_RE.fullmatch(value):
+            if value in self._good_names:
+                continue
+            if NAME_RE.fullmatch(value):
+                # A broker sees few distinct names: remember them instead of matching again.
+                if len(self._good_names) < GOOD_NAMES_MAX:
+                    self._good_names.add(value)
+            else:
                 raise BrokerError(
                     ErrorCode.BAD_REQUEST,
                     f"{where}{field} {value!r} must be 1-128 characters of letters, "
@@ -654,40 +672,26 @@ class Broker:
     def apply(self, rec: Record) -> None:
         """Apply one record. Records are trusted: they were validated when made."""
         self._now = rec.at
-        match rec:
-            case CommandLeased():
-                self._apply_leased(rec)
-            case CommandCompleted():
-                self._apply_completed(rec)
-            case PackageSubmitted(package_id, specs, at):
-                self._apply_created(package_id, at)
-                self._apply_added(package_id, specs)
-                self._apply_enqueued(package_id)
-            case PackageCreated(package_id, at):
-                self._apply_created(package_id, at)
-            case CommandsAdded(package_id, specs, _):
-                self._apply_added(package_id, specs)
-            case PackageEnqueued(package_id, _):
-                self._apply_enqueued(package_id)
-            case LeaseTouched(command_id, deadline, _, ttr):
-                cmd = self.commands[command_id]
-                cmd.lease_deadline = deadline
-                cmd.ttr = ttr
-                self.schedule_lease_expiry(cmd, deadline)
-            case LeaseReleased(command_id, _):
-                self._apply_released(self.commands[command_id])
-            case PackageCancelled(package_id, at):
-                self._apply_cancelled(self.packages[package_id], at)
-            case PackageExpired(package_id, at):
-                self._apply_expired(self.packages[package_id], at)
-            case PackageForgotten(package_id, _):
-                self._apply_forgotten(self.packages.pop(package_id))
-            case SchemaAnnounced(resource, schema, _):
-                self.schemas[resource] = schema
+        _APPLY[type(rec)](self, rec)
 
-    def _apply_created(self, package_id: str, at: float) -> None:
-        self.packages[package_id] = Package(package_id, at)
-        self.schedule_expiry(package_id, at)
+    def _apply_submitted(self, rec: PackageSubmitted) -> None:
+        # Enqueued at once: no TTL to watch.
+        self.packages[rec.package] = Package(rec.package, rec.at)
+        self._apply_added(rec.package, rec.commands)
+        self._apply_enqueued(rec.package)
+
+    def _apply_created(self, rec: PackageCreated) -> None:
+        self.packages[rec.package] = Package(rec.package, rec.at)
+        self.schedule_expiry(rec.package, rec.at)
+
+    def _apply_touched(self, rec: LeaseTouched) -> None:
+        cmd = self.commands[rec.command]
+        cmd.lease_deadline = rec.deadline
+        cmd.ttr = rec.ttr
+        self.schedule_lease_expiry(cmd, rec.deadline)
+
+    def _apply_announced(self, rec: SchemaAnnounced) -> None:
+        self.schemas[rec.resource] = rec.schema
 
     def schedule_expiry(self, package_id: str, created_at: float) -> None:
         heapq.heappush(self._ttl_heap, (created_at + self.limits.package_ttl, package_id))
@@ -705,7 +709,6 @@ class Broker:
             cmd = Command(spec, pkg, self.queue(spec.resource))
             self.commands[spec.id] = cmd
             pkg.commands.append(cmd)
-            pkg.counts[STAGED] += 1
             pkg.unsettled += 1
 
     def _apply_enqueued(self, package_id: str) -> None:
@@ -735,19 +738,13 @@ class Broker:
                 continue
             cmd.unmet = unmet
             if unmet:
-                self._move(cmd, WAITING)
+                cmd.state = WAITING
                 cmd.queue.waiting += 1
             else:
                 self._make_ready(cmd)
 
-    def _move(self, cmd: Command, state: CommandState) -> None:
-        counts = cmd.package.counts
-        counts[cmd.state] -= 1
-        counts[state] += 1
-        cmd.state = state
-
     def _make_ready(self, cmd: Command) -> None:
-        self._move(cmd, READY)
+        cmd.state = READY
         q = cmd.queue
         q.ready += 1
         heapq.heappush(q.ready_heap, (cmd.order, cmd))
@@ -763,7 +760,7 @@ class Broker:
             head = q.first_ready()
             assert head is cmd, f"leasing {cmd.id} but {head and head.id} is first in line"
             heapq.heappop(q.ready_heap)
-        self._move(cmd, LEASED)
+        cmd.state = LEASED
         q.leased += 1
         cmd.delivery = rec.delivery
         cmd.ttr = rec.ttr
@@ -845,8 +842,10 @@ class Broker:
         self._settle(cmd, CANCELLED)
 
     def _settle(self, cmd: Command, state: CommandState) -> None:
-        self._move(cmd, state)
+        cmd.state = state
         pkg = cmd.package
+        if state is CANCELLED:
+            pkg.cancelled_any = True
         pkg.unsettled -= 1
         if pkg.unsettled == 0 and pkg.enqueued:
             self._finish(pkg)
@@ -866,7 +865,8 @@ class Broker:
             elif cmd.state is READY:
                 q.ready -= 1
             cmd.reason = "package cancelled"
-            self._move(cmd, CANCELLED)
+            cmd.state = CANCELLED
+            pkg.cancelled_any = True
             pkg.unsettled -= 1
         for cmd in victims:
             self._cascade(cmd)
@@ -878,7 +878,6 @@ class Broker:
         for cmd in pkg.commands:
             del self.commands[cmd.id]
         pkg.commands = []
-        pkg.counts = _ZERO_COUNTS.copy()
         pkg.unsettled = 0
         self._finish(pkg)
 
@@ -886,3 +885,19 @@ class Broker:
         for cmd in pkg.commands:
             self.commands.pop(cmd.id, None)
             cmd.dependents = None
+
+
+_APPLY: dict[type, Callable[[Broker, Any], None]] = {
+    CommandLeased: Broker._apply_leased,
+    CommandCompleted: Broker._apply_completed,
+    PackageSubmitted: Broker._apply_submitted,
+    PackageCreated: Broker._apply_created,
+    CommandsAdded: lambda b, r: b._apply_added(r.package, r.commands),
+    PackageEnqueued: lambda b, r: b._apply_enqueued(r.package),
+    LeaseTouched: Broker._apply_touched,
+    LeaseReleased: lambda b, r: b._apply_released(b.commands[r.command]),
+    PackageCancelled: lambda b, r: b._apply_cancelled(b.packages[r.package], r.at),
+    PackageExpired: lambda b, r: b._apply_expired(b.packages[r.package], r.at),
+    PackageForgotten: lambda b, r: b._apply_forgotten(b.packages.pop(r.package)),
+    SchemaAnnounced: Broker._apply_announced,
+}

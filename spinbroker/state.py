@@ -17,6 +17,7 @@ from typing import Any
 
 from .config import Limits
 from .core import (
+    CANCELLED,
     LEASED,
     READY,
     SETTLED,
@@ -87,7 +88,6 @@ def load(
         pkg.enqueued, pkg.cancel_requested, pkg.expired = p[2], p[3], p[4]
         pkg.finished_at, pkg.causer, pkg.reason = p[5], p[6], p[7]
         broker.packages[pkg.id] = pkg
-        counts = pkg.counts
         for c in p[8]:
             cmd = Command.__new__(Command)
             cmd.id = c[0]
@@ -105,9 +105,10 @@ def load(
             cmd.dependents = None
             commands[cmd.id] = cmd
             pkg.commands.append(cmd)
-            counts[state] += 1
             if state not in SETTLED:
                 pkg.unsettled += 1
+            elif state is CANCELLED:
+                pkg.cancelled_any = True
     _rebuild(broker)
     return broker
 
