@@ -99,6 +99,14 @@ class NewCommand:
     dependencies: list[str | int]
 
 
+def decode_parameters(packed: bytes) -> dict[str, Any]:
+    """Parameters are kept msgpack-encoded (as the log holds them): a few hundred bytes less
+    per queued command than a dict of objects, and nothing to rebuild on recovery. They are
+    decoded once per delivery."""
+    params: dict[str, Any] = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    return params
+
+
 class Command:
     __slots__ = (
         "action",
@@ -149,7 +157,7 @@ class Command:
             "package": self.package.id,
             "resource": self.queue.name,
             "action": self.action,
-            "parameters": self.parameters,
+            "parameters": decode_parameters(self.parameters),
             "dependencies": list(self.dependencies),
             "delivery": self.delivery,
             "ttr": self.ttr,
@@ -416,7 +424,7 @@ class Broker:
         earlier: set[str] = set()  # ids of this request's commands so far
         for i, nc in enumerate(commands):
             where = f"command {i}: " if len(commands) > 1 else ""
-            self._check_command(nc, where)
+            parameters = self._check_command(nc, where)
             deps: list[str] = []
             for dep in nc.dependencies:
                 if isinstance(dep, int):
@@ -434,7 +442,7 @@ class Broker:
                         "or of an enqueued package",
                     )
                 deps.append(dep)
-            specs.append(CommandSpec(ids[i], nc.resource, nc.action, nc.parameters, tuple(deps)))
+            specs.append(CommandSpec(ids[i], nc.resource, nc.action, parameters, tuple(deps)))
             earlier.add(ids[i])
         return tuple(specs)
 
@@ -443,7 +451,8 @@ class Broker:
         cmd = self.commands.get(command_id)
         return cmd is not None and (cmd.package is pkg or cmd.package.enqueued)
 
-    def _check_command(self, nc: NewCommand, where: str) -> None:
+    def _check_command(self, nc: NewCommand, where: str) -> bytes:
+        """Validate one command; returns its parameters, msgpack-encoded."""
         for field, value in (("resource", nc.resource), ("action", nc.action)):
             if value in self._good_names:
                 continue
@@ -463,15 +472,15 @@ class Broker:
                     ErrorCode.BAD_REQUEST, f"{where}parameter names must be strings, not {key!r}"
                 )
         try:
-            size = len(msgpack.packb(nc.parameters, use_bin_type=True))
+            packed: bytes = msgpack.packb(nc.parameters, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as exc:
             raise BrokerError(
                 ErrorCode.BAD_REQUEST, f"{where}parameters cannot be encoded: {exc}"
             ) from None
-        if size > self.limits.max_parameter_bytes:
+        if len(packed) > self.limits.max_parameter_bytes:
             raise BrokerError(
                 ErrorCode.LIMIT_EXCEEDED,
-                f"{where}parameters take {size} bytes, "
+                f"{where}parameters take {len(packed)} bytes, "
                 f"more than the limit of {self.limits.max_parameter_bytes}",
             )
         schema = self.schemas.get(nc.resource)
@@ -481,6 +490,7 @@ class Broker:
                 raise BrokerError(
                     ErrorCode.INVALID_COMMAND, f"{where}{nc.resource} {nc.action}: {problem}"
                 )
+        return packed
 
     def cancel(self, package_id: str, now: float) -> int:
         """CANCEL: every command not yet delivered is cancelled; returns how many."""
@@ -885,6 +895,9 @@ class Broker:
         for cmd in pkg.commands:
             self.commands.pop(cmd.id, None)
             cmd.dependents = None
+        # Break the package <-> command cycle so refcounting frees them at once (the
+        # server freezes recovered objects out of the cyclic collector).
+        pkg.commands = []
 
 
 _APPLY: dict[type, Callable[[Broker, Any], None]] = {

@@ -77,6 +77,25 @@ def recover(
     """Rebuild the broker from `wal` (freshly opened, nothing appended yet). Raises
     `WalCorruption` when the log cannot be read past some point, and ValueError when a
     body does not decode as a snapshot or a record."""
+    # Recovery builds millions of objects that all stay alive: a cyclic collection run in
+    # the middle would only walk them again and again. Collect once at the end, then move
+    # them out of the collector's way (gc.freeze): refcounting still frees them.
+    gc.disable()
+    try:
+        broker, report = _recover(wal, limits, schema_check, clock)
+    finally:
+        gc.enable()
+    gc.collect()
+    gc.freeze()
+    return broker, report
+
+
+def _recover(
+    wal: Wal,
+    limits: Limits,
+    schema_check: SchemaCheck | None,
+    clock: Callable[[], float],
+) -> tuple[Broker, RecoveryReport]:
     started = clock()
     snapshot, bodies = wal.load()
     if snapshot is None:

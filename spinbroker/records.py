@@ -1,5 +1,8 @@
 """Records: the plain description of every durable change the core makes.
 
+(Plain slotted dataclasses, not frozen ones: recovery builds millions of them, and a frozen
+dataclass pays an object.__setattr__ per field. Nothing mutates a record once made.)
+
 The core changes state only by applying a record (`Broker.apply`). A live request makes its
 decision, builds the record, applies it and hands it to the server, which appends it to the
 write-ahead log before replying; recovery applies the same records in the same order and so
@@ -14,14 +17,15 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class CommandSpec:
-    """A command as added to a package; `dependencies` are command ids."""
+    """A command as added to a package; `dependencies` are command ids and `parameters`
+    the msgpack encoding of the parameter map (stored and logged as is)."""
 
     id: str
     resource: str
     action: str
-    parameters: dict[str, Any]
+    parameters: bytes
     dependencies: tuple[str, ...]
 
     def to_wire(self) -> list[Any]:
@@ -32,26 +36,26 @@ class CommandSpec:
         return cls(w[0], w[1], w[2], w[3], tuple(w[4]))
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class PackageCreated:
     package: str
     at: float
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class CommandsAdded:
     package: str
     commands: tuple[CommandSpec, ...]
     at: float
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class PackageEnqueued:
     package: str
     at: float
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class PackageSubmitted:
     """NEW + ADD + ENQUEUE in one record: the common producer path, one log write."""
 
@@ -60,7 +64,7 @@ class PackageSubmitted:
     at: float
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class CommandLeased:
     command: str
     delivery: int
@@ -73,7 +77,7 @@ class CommandLeased:
     ttr: float | None = None
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class LeaseTouched:
     command: str
     deadline: float
@@ -82,7 +86,7 @@ class LeaseTouched:
     ttr: float | None = None
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class LeaseReleased:
     """A lease ended without COMPLETE; the command is ready again in its original place."""
 
@@ -90,7 +94,7 @@ class LeaseReleased:
     at: float
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class CommandCompleted:
     command: str
     success: bool
@@ -98,19 +102,19 @@ class CommandCompleted:
     at: float
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class PackageCancelled:
     package: str
     at: float
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class PackageExpired:
     package: str
     at: float
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class PackageForgotten:
     """A finished or expired package leaves memory after the retention period."""
 
@@ -118,7 +122,7 @@ class PackageForgotten:
     at: float
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class SchemaAnnounced:
     """An agent announced the actions and parameters its resource accepts."""
 
