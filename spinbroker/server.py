@@ -50,6 +50,8 @@ Handler = Callable[["Connection", Request], None]
 CHANGES_STATE = frozenset(
     {"NEW", "ADD", "ENQUEUE", "SUBMIT", "NEXT", "TOUCH", "COMPLETE", "CANCEL", "ANNOUNCE"}
 )
+#: Text mode: lines read ahead of a blocked request before reading pauses.
+TEXT_BACKLOG_MAX = 1000
 #: After a failed write, how long the committer waits before asking the log again.
 STORAGE_RETRY_SECONDS = 0.1
 
@@ -128,6 +130,10 @@ class Connection(asyncio.Protocol):
         limit = server.config.limits.max_inflight
         while self.backlog and not self.closing:
             if text and self.blocked:
+                # A person may type ahead of a blocked NEXT, but nobody may queue unbounded
+                # lines behind it: stop reading past a limit (resumed once it answers).
+                if len(self.backlog) >= TEXT_BACKLOG_MAX:
+                    self._pause_reading("backlog")
                 return
             if self.inflight >= limit:
                 self._pause_reading("inflight")
@@ -196,6 +202,7 @@ class Connection(asyncio.Protocol):
 
     def _continue_text(self) -> None:
         if not self.closing:
+            self._resume_reading("backlog")
             self._drain_backlog()
             self.server.after_batch()
 
@@ -407,10 +414,18 @@ class Server:
             return
         try:
             await self.wal.commit()
+            # The last held replies are acknowledgements now: send them, then close.
+            self.durable_lsn = self.appended_lsn
+            self._release_held()
             if self.snapshotter is not None and self.appended_lsn > 0:
                 await self.snapshotter.take_inline(self.core, self.appended_lsn)
         except WalError as exc:
             log.error("could not flush the log at shutdown: %s", exc)
+            err = BrokerError(ErrorCode.STORAGE_FAILED, f"could not be made durable: {exc}")
+            for conn in self.connections.values():
+                conn.fail_held(err)
+                self.dirty.add(conn)
+            self._flush_dirty()
         finally:
             with contextlib.suppress(WalError):
                 await self.wal.close()

@@ -412,3 +412,19 @@ async def test_complete_with_next_is_one_round_trip(raw: Connect) -> None:
     msg = await agent.call("COMPLETE", {"command": got["id"], "success": True, "next": 5})
     assert msg[1] == "error" and msg[2]["code"] == "bad_request"
     assert (await producer.ok("STATUS", {"id": got["id"]}))["state"] == "leased"
+
+
+async def test_stop_sends_the_last_acknowledgements_then_closes(make_server: Connect) -> None:
+    server: Server = await make_server()
+    r, w = await asyncio.open_unix_connection(str(server.socket_path))
+    c = RawMsgpack(r, w)
+    ids = [
+        c.send("SUBMIT", {"commands": [{"resource": "r", "action": f"a{i}"}]}) for i in range(50)
+    ]
+    await c.writer.drain()
+    first = await c.reply()  # the server has read the batch
+    await server.stop()
+    replies = [first] + [await c.reply() for _ in range(len(ids) - 1)]
+    assert [m[0] for m in replies] == ids
+    assert all(m[1] == "ok" for m in replies)
+    assert await c.closed()
