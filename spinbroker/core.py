@@ -58,6 +58,15 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}")
 GOOD_NAMES_MAX = 10_000
 
 
+def check_name(field: str, value: str) -> None:
+    """Resource and action names: 1-128 characters of letters, digits and _ . : @ / -."""
+    if not NAME_RE.fullmatch(value):
+        raise BrokerError(
+            ErrorCode.BAD_REQUEST,
+            f"{field} {value!r} must be 1-128 characters of letters, digits and _ . : @ / -",
+        )
+
+
 class CommandState(StrEnum):
     STAGED = "staged"
     WAITING = "waiting"
@@ -456,16 +465,10 @@ class Broker:
         for field, value in (("resource", nc.resource), ("action", nc.action)):
             if value in self._good_names:
                 continue
-            if NAME_RE.fullmatch(value):
-                # A broker sees few distinct names: remember them instead of matching again.
-                if len(self._good_names) < GOOD_NAMES_MAX:
-                    self._good_names.add(value)
-            else:
-                raise BrokerError(
-                    ErrorCode.BAD_REQUEST,
-                    f"{where}{field} {value!r} must be 1-128 characters of letters, "
-                    "digits and _ . : @ / -",
-                )
+            check_name(f"{where}{field}", value)
+            # A broker sees few distinct names: remember them instead of matching again.
+            if len(self._good_names) < GOOD_NAMES_MAX:
+                self._good_names.add(value)
         for key in nc.parameters:
             if not isinstance(key, str):
                 raise BrokerError(
@@ -502,8 +505,7 @@ class Broker:
         return cancellable
 
     def announce(self, resource: str, schema: dict[str, Any], now: float) -> None:
-        if not NAME_RE.fullmatch(resource):
-            raise BrokerError(ErrorCode.BAD_REQUEST, f"bad resource name {resource!r}")
+        check_name("resource", resource)
         if self.schemas.get(resource) != schema:
             self._commit(SchemaAnnounced(resource, schema, now))
 
@@ -512,8 +514,7 @@ class Broker:
     def next(self, resource: str, waiter: Waiter, now: float, block: bool) -> Command | None:
         """NEXT: lease the first ready command of `resource` to `waiter`, or park the waiter
         (when `block`) behind the agents already waiting. Returns the leased command."""
-        if not NAME_RE.fullmatch(resource):
-            raise BrokerError(ErrorCode.BAD_REQUEST, f"bad resource name {resource!r}")
+        check_name("resource", resource)
         q = self.queue(resource)
         if not q.waiters:
             cmd = q.first_ready()

@@ -72,9 +72,11 @@ def recover(
     wal: Wal,
     limits: Limits,
     schema_check: SchemaCheck | None,
+    now: float,
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[Broker, RecoveryReport]:
-    """Rebuild the broker from `wal` (freshly opened, nothing appended yet). Raises
+    """Rebuild the broker from `wal` (freshly opened, nothing appended yet); `now` is the
+    server's clock, for the records recovery itself makes (released leases). Raises
     `WalCorruption` when the log cannot be read past some point, and ValueError when a
     body does not decode as a snapshot or a record."""
     # Recovery builds millions of objects that all stay alive: a cyclic collection run in
@@ -82,7 +84,7 @@ def recover(
     # them out of the collector's way (gc.freeze): refcounting still frees them.
     gc.disable()
     try:
-        broker, report = _recover(wal, limits, schema_check, clock)
+        broker, report = _recover(wal, limits, schema_check, now, clock)
     finally:
         gc.enable()
     gc.collect()
@@ -94,6 +96,7 @@ def _recover(
     wal: Wal,
     limits: Limits,
     schema_check: SchemaCheck | None,
+    now: float,
     clock: Callable[[], float],
 ) -> tuple[Broker, RecoveryReport]:
     started = clock()
@@ -127,7 +130,7 @@ def _recover(
     broker.outbox.clear()
     broker.finished.clear()
     # Leases do not survive a restart: those commands are ready again in their places.
-    broker.recover_leases(time.time())
+    broker.recover_leases(now)
     released = len(broker.outbox)
     report = RecoveryReport(snapshot_lsn, loaded - started, count, replayed - loaded, released)
     return broker, report
@@ -153,16 +156,40 @@ class Snapshotter:
         return time.monotonic() - self.last_at >= every_seconds
 
     def start(self, broker: Broker, lsn: int) -> asyncio.Task[None]:
-        """Fork now (the state at `lsn`) and finish in the background."""
-        self.running = asyncio.get_running_loop().create_task(self._take(broker, lsn))
-        return self.running
-
-    async def _take(self, broker: Broker, lsn: int) -> None:
+        """Snapshot the state at `lsn`, which must be the broker's state right now: the
+        fork happens before this returns (a task would fork later, after other requests
+        changed the state), and the rest goes on in the background. A log on another file
+        layer than the real one (tests) cannot be written from a child: serialise inline."""
+        loop = asyncio.get_running_loop()
+        if not isinstance(self.wal.files, OsFiles):
+            body = msgpack.packb(state.dump(broker), use_bin_type=True)
+            self.running = loop.create_task(self._store(lsn, body))
+            return self.running
         started = time.monotonic()
         try:
             pid = _fork_writer(broker, self.wal.directory, lsn)
-            forked = time.monotonic() - started
-            self.longest_fork = max(self.longest_fork, forked)
+        except OSError as exc:
+            log.error("cannot fork to snapshot at lsn %d: %s", lsn, exc)
+            self.last_at = time.monotonic()
+            raise
+        forked = time.monotonic() - started
+        self.longest_fork = max(self.longest_fork, forked)
+        self.running = loop.create_task(self._finish(pid, lsn, started, forked))
+        return self.running
+
+    async def _store(self, lsn: int, body: bytes) -> None:
+        try:
+            await self.wal.write_snapshot(lsn, body)
+            self.last_lsn = lsn
+            self.taken += 1
+        except Exception as exc:
+            log.error("snapshot at lsn %d failed: %s", lsn, exc)
+        finally:
+            self.last_at = time.monotonic()
+            self.running = None
+
+    async def _finish(self, pid: int, lsn: int, started: float, forked: float) -> None:
+        try:
             loop = asyncio.get_running_loop()
             _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
             code = os.waitstatus_to_exitcode(status)

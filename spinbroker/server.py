@@ -36,7 +36,7 @@ import msgpack
 from . import PROTOCOL_VERSION, __version__, persist, records, requests, schema
 from .codec import TEXT_USAGE, BadInput, Mode, Request, ServerCodec
 from .config import ServerConfig
-from .core import Broker, Command, NewCommand, Waiter
+from .core import Broker, Command, NewCommand, Waiter, check_name
 from .errors import BrokerError, ErrorCode
 from .ids import IdGenerator
 from .persist import RecoveryReport, Snapshotter
@@ -50,6 +50,8 @@ Handler = Callable[["Connection", Request], None]
 CHANGES_STATE = frozenset(
     {"NEW", "ADD", "ENQUEUE", "SUBMIT", "NEXT", "TOUCH", "COMPLETE", "CANCEL", "ANNOUNCE"}
 )
+#: Verbs that change nothing: answered from memory even while the log cannot be written.
+READS = frozenset({"HELLO", "PING", "HELP", "STATUS", "STATS", "WAIT", "QUIT"})
 #: Text mode: lines read ahead of a blocked request before reading pauses.
 TEXT_BACKLOG_MAX = 1000
 #: After a failed write, how long the committer waits before asking the log again.
@@ -168,6 +170,10 @@ class Connection(asyncio.Protocol):
             # Everything the core has produced so far, appended or not yet, must be durable
             # before this reply may leave: it may reveal any of it.
             need = server.appended_lsn + len(server.core.outbox)
+            if verb in READS and server.wal is not None and server.wal.error is not None:
+                # While the disk fails, reads answer from memory rather than not at all: what
+                # they show may include changes not durable yet (see protocol.md).
+                need = server.durable_lsn
         if need > server.durable_lsn or self.held:
             self.held.append((need, data, req_id, verb))
         else:
@@ -316,7 +322,9 @@ class Server:
         self.wal = wal
         if recovery.torn is not None:
             log.warning("recovery: %s", recovery.torn)
-        self.core, self.recovery = persist.recover(wal, config.limits, schema.check_command)
+        self.core, self.recovery = persist.recover(
+            wal, config.limits, schema.check_command, self.clock()
+        )
         log.info("recovered: %s", self.recovery.describe())
         self.appended_lsn = self.durable_lsn = wal.last_lsn
         self.snapshotter = Snapshotter(wal)
@@ -513,7 +521,10 @@ class Server:
         if snap is None or self._stopping:
             return
         if snap.due(self.appended_lsn, config.snapshot_every, config.snapshot_interval):
-            task = snap.start(self.core, self.appended_lsn)
+            try:
+                task = snap.start(self.core, self.appended_lsn)
+            except OSError:
+                return  # logged; the next one is due after another interval
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -743,11 +754,9 @@ class Server:
 
 
 def _next_args(args: dict[str, Any]) -> tuple[str, float | None, float | None]:
-    return (
-        requests.string(args, "resource"),
-        requests.seconds(args, "timeout"),
-        requests.positive_seconds(args, "ttr"),
-    )
+    resource = requests.string(args, "resource")
+    check_name("resource", resource)
+    return resource, requests.seconds(args, "timeout"), requests.positive_seconds(args, "ttr")
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -153,6 +153,10 @@ class Wal:
     # -- the log --------------------------------------------------------------------------
 
     @property
+    def files(self) -> FileLayer:
+        return self._files
+
+    @property
     def directory(self) -> Path:
         return self._directory
 
