@@ -117,7 +117,7 @@ class AgentClient(Protocol):
 
     async def touch(
         self, command: str, ttr: float | None = None, delivery: int | None = None
-    ) -> float: ...
+    ) -> float | None: ...
 
     async def complete(
         self,

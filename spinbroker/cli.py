@@ -539,7 +539,8 @@ async def _complete(client: Client, args: argparse.Namespace) -> int:
 
 async def _touch(client: Client, args: argparse.Namespace) -> int:
     ttr = await client.touch(args.command, ttr=args.ttr, delivery=args.delivery)
-    _emit(args, {"command": args.command, "ttr": ttr}, f"leased for {ttr:g} s")
+    held = "a connection lease (no ttr)" if ttr is None else f"leased for {ttr:g} s"
+    _emit(args, {"command": args.command, "ttr": ttr}, held)
     return EXIT_OK
 
 

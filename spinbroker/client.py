@@ -21,7 +21,7 @@ import base64
 import itertools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal, TypeAlias, cast
 
@@ -617,7 +617,7 @@ class Client:
         _put(args, "dependencies", None if dependencies is None else list(dependencies))
         return str((await self._ok("ADD", args))["command"])
 
-    async def add_many(self, package: str, commands: list[Mapping[str, Any]]) -> list[str]:
+    async def add_many(self, package: str, commands: Sequence[Mapping[str, Any]]) -> list[str]:
         """ADD several commands at once, all or nothing."""
         args = {"package": package, "commands": [_command_spec(c) for c in commands]}
         return [str(c) for c in (await self._ok("ADD", args))["commands"]]
@@ -625,7 +625,7 @@ class Client:
     async def enqueue(self, package: str) -> list[str]:
         return [str(c) for c in (await self._ok("ENQUEUE", {"package": package}))["commands"]]
 
-    async def submit(self, commands: list[Mapping[str, Any]]) -> tuple[str, list[str]]:
+    async def submit(self, commands: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]:
         """NEW + ADD + ENQUEUE in one request; a dependency may be an int (earlier position)."""
         body = await self._ok("SUBMIT", {"commands": [_command_spec(c) for c in commands]})
         return str(body["package"]), [str(c) for c in body["commands"]]
@@ -657,12 +657,14 @@ class Client:
 
     async def touch(
         self, command: str, ttr: float | None = None, delivery: int | None = None
-    ) -> float:
-        """Extend a lease; returns its ttr in seconds."""
+    ) -> float | None:
+        """Extend a lease; returns its ttr in seconds (None: a connection lease, which
+        TOUCH only checks is still held)."""
         args: dict[str, Any] = {"command": command}
         _put(args, "ttr", ttr)
         _put(args, "delivery", delivery)
-        return float((await self._ok("TOUCH", args))["ttr"])
+        in_force = (await self._ok("TOUCH", args))["ttr"]
+        return None if in_force is None else float(in_force)
 
     async def complete(
         self,

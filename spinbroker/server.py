@@ -250,6 +250,9 @@ class Server:
         self._commit_wanted = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        #: While the log fails: since when, and when that was last logged (monotonic).
+        self._failing_since: float | None = None
+        self._failure_logged = 0.0
         self.connections: dict[int, Connection] = {}
         self.dirty: set[Connection] = set()
         self.appended_lsn = 0
@@ -497,6 +500,12 @@ class Server:
                     # The log keeps the records and retries; wait a little before asking.
                     await asyncio.sleep(STORAGE_RETRY_SECONDS)
                     continue
+                if self._failing_since is not None:
+                    log.warning(
+                        "the log is written again after %.1fs of failures",
+                        time.monotonic() - self._failing_since,
+                    )
+                    self._failing_since = None
                 self.durable_lsn = target
                 self._release_held()
 
@@ -507,7 +516,12 @@ class Server:
         self._flush_dirty()
 
     def _storage_failed(self, exc: WalWriteError) -> None:
-        log.error("the log cannot be written: %s; refusing changes until it can", exc)
+        now = time.monotonic()
+        if self._failing_since is None or now - self._failure_logged >= 10.0:
+            log.error("the log cannot be written: %s; refusing changes until it can", exc)
+            self._failure_logged = now
+        if self._failing_since is None:
+            self._failing_since = now
         err = BrokerError(ErrorCode.STORAGE_FAILED, f"the change could not be made durable: {exc}")
         for conn in self.connections.values():
             if conn.held:

@@ -816,3 +816,15 @@ async def test_complete_and_next_through_the_client(server: Any) -> None:
         assert await c.complete_and_next(b, True, "cn", timeout=0) is None
         status = await c.wait(pkg, timeout=5)
         assert status is not None and status.state == "succeeded"
+
+
+async def test_touch_of_a_connection_lease_returns_none(server: Any) -> None:
+    from spinbroker.client import Client
+
+    async with await Client.connect(f"unix:{server.socket_path}") as c:
+        await c.submit([{"resource": "tc", "action": "x"}])
+        got = await c.next("tc")
+        assert got is not None
+        assert await c.touch(got.id) is None
+        leased = await c.status(got.id)
+        assert leased.state == "leased"
