@@ -450,7 +450,11 @@ class Server:
         base = self.appended_lsn
         if core.outbox:
             self._append_outbox()
-            self._commit_wanted.set()
+            assert self.wal is not None
+            if self.wal.write_now() >= self.appended_lsn:
+                self.durable_lsn = self.appended_lsn  # `off`/`batch`: written in this pass
+            else:
+                self._commit_wanted.set()
         if core.deliveries:
             deliveries, core.deliveries = core.deliveries, []
             for waiter, cmd in deliveries:

@@ -194,6 +194,11 @@ class Wal:
         later `commit()` returns. Must be called on the event-loop thread."""
         return self._group.append(body)
 
+    def write_now(self) -> int:
+        """With fsync `off` or `batch`, write the buffered records now, on this thread, when
+        that needs no fdatasync; returns the LSN acknowledged so far (see writer.py)."""
+        return self._group.write_now()
+
     async def commit(self) -> None:
         """Return once every record appended so far is acknowledged in this log's fsync mode
         (see writer.py). Raises WalWriteError if a write or sync failed before that."""

@@ -4,8 +4,11 @@ Holds `FsyncMode` and `GroupCommit`, the event-loop side of the log. `append` en
 into a memory buffer and returns its LSN; it never blocks. One flush at a time runs on a
 dedicated IO thread (`SegmentWriter.flush`: one write, then one fdatasync); everything
 appended while a flush runs goes out together in the next one, so N concurrent committers
-cost about one sync per flush, not N. Must never touch a file from the event-loop thread,
-and must never release a `commit()` before the flush that covers its LSN has returned.
+cost about one sync per flush, not N. A flush without an fdatasync (modes `off`, and `batch`
+between syncs) is only a write to the page cache and runs on the event-loop thread itself:
+the hand-off to the thread and back cost more than the write. Must never fdatasync on the
+event-loop thread, and must never release a `commit()` before the flush that covers its LSN
+has returned.
 
 Modes (what a resolved `commit()` means):
 
@@ -101,6 +104,21 @@ class GroupCommit:
         self._kick()
         return lsn
 
+    def write_now(self) -> int:
+        """Modes `off` and `batch`: if no flush is in flight, write what is buffered right
+        here (a page-cache write) instead of at the next loop pass, so that the caller can
+        acknowledge in the same pass. Returns the acknowledged LSN either way."""
+        if (
+            self.mode is not FsyncMode.ALWAYS
+            and self._inflight is None
+            and self._buffer
+            and not self._closed
+            and self._bind_loop() is not None
+            and not self._sync_now(self._next_lsn - 1)
+        ):
+            self._start_flush()
+        return self._acked_lsn
+
     async def commit(self) -> None:
         """Resolve once every record appended so far is acknowledged (see the modes)."""
         await self.wait_for(self._next_lsn - 1, sync=self.mode is FsyncMode.ALWAYS)
@@ -181,6 +199,17 @@ class GroupCommit:
         if sync:
             self._last_sync = loop.time()
             self._sync_due = False
+        if not sync:
+            # Without an fdatasync the write only reaches the page cache: cheaper here than
+            # the round trip to the IO thread and back (nothing else writes meanwhile:
+            # no flush is in flight).
+            failure: BaseException | None = None
+            try:
+                self._writer.flush(frames, last, False)
+            except Exception as exc:
+                failure = exc
+            self._flushed(failure)
+            return
         flush = self._writer.flush
         self._inflight = loop.run_in_executor(self._executor, flush, frames, last, sync)
         self._inflight.add_done_callback(self._flush_done)
@@ -199,7 +228,9 @@ class GroupCommit:
 
     def _flush_done(self, future: asyncio.Future[None]) -> None:
         self._inflight = None
-        failure = future.exception()
+        self._flushed(future.exception())
+
+    def _flushed(self, failure: BaseException | None) -> None:
         self._settle(failure)
         if self._closed:
             return
