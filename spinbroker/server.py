@@ -247,8 +247,9 @@ class Server:
         self.recovery: RecoveryReport | None = None
         self.new_id = IdGenerator()
         self._packer = msgpack.Packer(use_bin_type=True)
-        self._commit_wanted = asyncio.Event()
-        self._committer: asyncio.Task[None] | None = None
+        #: A commit is in flight (its callback requests the next one if needed).
+        self._committing = False
+        self._commit_retry: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         #: While the log fails: since when, and when that was last logged (monotonic).
         self._failing_since: float | None = None
@@ -335,7 +336,6 @@ class Server:
         self._append_outbox()
         await wal.commit()
         self.durable_lsn = self.appended_lsn
-        self._committer = self.loop.create_task(self._commit_loop())
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
@@ -413,11 +413,8 @@ class Server:
 
     async def _close_log(self) -> None:
         """Flush what is left, snapshot the final state, close the log."""
-        if self._committer is not None:
-            self._commit_wanted.set()
-            self._committer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._committer
+        if self._commit_retry is not None:
+            self._commit_retry.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(Exception):
                 await task
@@ -454,7 +451,7 @@ class Server:
             if self.wal.write_now() >= self.appended_lsn:
                 self.durable_lsn = self.appended_lsn  # `off`/`batch`: written in this pass
             else:
-                self._commit_wanted.set()
+                self._request_commit()
         if core.deliveries:
             deliveries, core.deliveries = core.deliveries, []
             for waiter, cmd in deliveries:
@@ -487,31 +484,45 @@ class Server:
         self.core.outbox.clear()
         self.appended_lsn = lsn
 
-    async def _commit_loop(self) -> None:
-        """Group commit: every record appended while the previous flush ran goes out in the
-        next one; then the replies that waited for them are released."""
+    def _request_commit(self) -> None:
+        """Group commit: one commit in flight at a time; every record appended meanwhile
+        goes out with the next one, which the callback of this one requests."""
+        if self._committing or self._commit_retry is not None or self._stopping:
+            return
         assert self.wal is not None
-        wal = self.wal
-        while True:
-            await self._commit_wanted.wait()
-            self._commit_wanted.clear()
-            while self.durable_lsn < self.appended_lsn:
-                target = self.appended_lsn
-                try:
-                    await wal.commit()
-                except WalWriteError as exc:
-                    self._storage_failed(exc)
-                    # The log keeps the records and retries; wait a little before asking.
-                    await asyncio.sleep(STORAGE_RETRY_SECONDS)
-                    continue
-                if self._failing_since is not None:
-                    log.warning(
-                        "the log is written again after %.1fs of failures",
-                        time.monotonic() - self._failing_since,
-                    )
-                    self._failing_since = None
-                self.durable_lsn = target
-                self._release_held()
+        self._committing = True
+        target = self.appended_lsn
+        future = self.wal.commit_future()
+        future.add_done_callback(lambda f: self._committed(f, target))
+
+    def _committed(self, future: asyncio.Future[None], target: int) -> None:
+        self._committing = False
+        if self._stopping or future.cancelled():
+            return  # _close_log commits what is left itself
+        exc = future.exception()
+        if isinstance(exc, WalWriteError):
+            self._storage_failed(exc)
+            # The log keeps the records and retries; ask again a little later.
+            self._commit_retry = self.loop.call_later(STORAGE_RETRY_SECONDS, self._retry_commit)
+            return
+        if exc is not None:
+            log.error("commit failed: %r", exc)
+            return
+        if self._failing_since is not None:
+            log.warning(
+                "the log is written again after %.1fs of failures",
+                time.monotonic() - self._failing_since,
+            )
+            self._failing_since = None
+        self.durable_lsn = max(self.durable_lsn, target)
+        self._release_held()
+        if self.durable_lsn < self.appended_lsn:
+            self._request_commit()
+
+    def _retry_commit(self) -> None:
+        self._commit_retry = None
+        if self.durable_lsn < self.appended_lsn:
+            self._request_commit()
 
     def _release_held(self) -> None:
         for conn in self.connections.values():

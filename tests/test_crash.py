@@ -104,6 +104,13 @@ async def test_corrupt_log_refuses_to_start_until_repaired(tmp_path: Path) -> No
     log = io.StringIO()
     options = {"--segment-size": "2048", "--snapshot-every": "1000000"}
     broker = crashtest.Broker(tmp_path, "always", log, options)
+    try:
+        await _corrupt_repair_restart(broker)
+    finally:
+        await broker.kill()  # a failing assertion must not leave a broker running
+
+
+async def _corrupt_repair_restart(broker: crashtest.Broker) -> None:
     await broker.start()
     client = await Client.connect(broker.socket)
     packages = []

@@ -199,6 +199,10 @@ class Wal:
         that needs no fdatasync; returns the LSN acknowledged so far (see writer.py)."""
         return self._group.write_now()
 
+    def commit_future(self) -> asyncio.Future[None]:
+        """Like `commit()`, as a future; starts the flush at once if none is running."""
+        return self._group.commit_future()
+
     async def commit(self) -> None:
         """Return once every record appended so far is acknowledged in this log's fsync mode
         (see writer.py). Raises WalWriteError if a write or sync failed before that."""

@@ -119,6 +119,25 @@ class GroupCommit:
             self._start_flush()
         return self._acked_lsn
 
+    def commit_future(self) -> asyncio.Future[None]:
+        """`commit()` as a future, for callers that chain callbacks rather than await: it
+        also starts the flush right away when none is in flight (not at the next loop
+        pass), which saves a pass on every acknowledgement."""
+        loop = self._bind_loop()
+        assert loop is not None, "commit_future() needs a running event loop"
+        future: asyncio.Future[None] = loop.create_future()
+        lsn = self._next_lsn - 1
+        sync = self.mode is FsyncMode.ALWAYS
+        if lsn <= (self._synced_lsn if sync else self._acked_lsn):
+            future.set_result(None)
+        elif self._closed:
+            future.set_exception(WalClosed("commit on a closed log"))
+        else:
+            (self._sync_waiters if sync else self._waiters).append((lsn, future))
+            if self._inflight is None:
+                self._start_flush()
+        return future
+
     async def commit(self) -> None:
         """Resolve once every record appended so far is acknowledged (see the modes)."""
         await self.wait_for(self._next_lsn - 1, sync=self.mode is FsyncMode.ALWAYS)

@@ -1,0 +1,59 @@
+"""The benchmark harness runs end to end in smoke mode, so it cannot rot.
+
+`python -m bench --smoke` starts a real broker and real client processes with tiny counts.
+No timed assertions: only that every spinbroker scenario produced figures (or, for the ones
+the broker cannot run yet, an explicit "not available"), and that installed peers ran too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("spinbroker.server") is None, reason="no spinbroker server yet"
+)
+
+
+def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    rows = {(r["scenario"], r["case"], r["system"]): r["median"] for r in doc["results"]}
+
+    for scenario, case in [
+        ("produce", "unpipelined x1"),
+        ("produce", "unpipelined x16"),
+        ("produce", "pipelined 100"),
+        ("produce", "package 10"),
+        ("consume", "agents 4"),
+        ("e2e", "chain of 3"),
+        ("wake", "blocked agent"),
+    ]:
+        figures = rows[scenario, case, "spinbroker"]
+        assert figures.get("n", 0) > 0 and figures["ops_s"] > 0, (scenario, case, figures)
+    for scenario, case in [("memory", "queued"), ("recovery", "from log"), ("snapshot", "stall")]:
+        figures = rows[scenario, case, "spinbroker"]
+        assert "skipped" in figures or figures["commands"] > 0, (scenario, case, figures)
+
+    for peer, program in [("beanstalkd", "beanstalkd"), ("redis", "redis-server")]:
+        if shutil.which(program):
+            assert rows["produce", "pipelined 100", peer]["n"] > 0
+    assert doc["meta"]["payload_bytes"] == 100
+    assert {t["target"] for t in doc["targets"]}, "the targets table is empty"
+    assert "| case | system |" in out.with_suffix(".md").read_text()
