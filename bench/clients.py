@@ -113,6 +113,14 @@ class SpinConn(Conn):
     async def ack(self, handle: Any) -> None:
         await self.request("COMPLETE", {"command": handle, "success": True})
 
+    async def ack_take(
+        self, handle: Any, timeout: float, resource: str = QUEUE
+    ) -> tuple[Any, bytes] | None:
+        """COMPLETE + NEXT in one round trip (COMPLETE with `next`)."""
+        nxt = {"resource": resource, "timeout": timeout}
+        cmd = await self.request("COMPLETE", {"command": handle, "success": True, "next": nxt})
+        return None if cmd is None else (cmd["id"], cmd["parameters"]["data"])
+
     async def ping(self) -> None:
         await self.request("PING")
 

@@ -52,18 +52,31 @@ async def produce(c: Any, k: int, p: dict[str, Any], end: int) -> Result:
 
 async def agent(c: Any, k: int, p: dict[str, Any], end: int) -> Result:
     """take + ack until p["n"] jobs or a take times out (the queue is drained).
-    Latency is take+ack, or with p["wake"] the payload's send time -> received."""
-    take = c.take if "resource" not in p else lambda t: c.take(t, p["resource"])
-    lat, last = [], now()
-    while len(lat) < p["n"] and last < end:
-        t = now()
-        job = await take(p["timeout"])
-        if job is None:
-            break
+    Latency is one take+ack cycle, or with p["wake"] the payload's send time -> received.
+    Where the protocol can ack and take in one request (spinbroker's COMPLETE with `next`),
+    the agent does, as a real agent would: one round trip per job instead of two. That take
+    never blocks (timeout 0): when nothing is ready, a plain blocking take follows, so no
+    job's latency includes waiting on an empty queue."""
+    resource = p.get("resource")
+    take = c.take if resource is None else lambda t: c.take(t, resource)
+    both = getattr(c, "ack_take", None)
+    lat: list[int] = []
+    t = last = now()
+    job = await take(p["timeout"]) if last < end else None
+    while job is not None:
         got = now()
-        await c.ack(job[0])
+        more = len(lat) + 1 < p["n"]
+        following = None
+        if both is not None and more:
+            following = await both(job[0], 0, *(() if resource is None else (resource,)))
+        else:
+            await c.ack(job[0])
         last = now()
         lat.append(got - sent_ns(job[1]) if p.get("wake") else last - t)
+        t = last
+        if not more or last >= end:
+            break
+        job = following if following is not None else await take(p["timeout"])
     return lat, len(lat), last
 
 
