@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DATA   ?= ./spinbroker-data
 ADDR   ?= 127.0.0.1:7878
 
-.PHONY: serve test lint typecheck unit bench bench-smoke debian-deps clean
+.PHONY: serve test lint typecheck unit bench debian-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,7 @@ unit: $(VENV)/.installed-dev
 
 test: debian-deps lint typecheck unit
 
-bench: $(VENV)/.installed-dev
+bench: debian-deps $(VENV)/.installed-dev
 	$(BIN)/python -m bench
 
 clean:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the test suite needs, when they are missing.
+# Installs the Debian packages the test suite and the benchmarks need, when they are missing:
+# qemu (the emulation agent's real emulator) and the peers the benchmark compares against.
 # Needs root (or passwordless sudo); without either it says what is missing and carries on,
 # and the tests that need those programs skip with the reason.
 set -u
-wanted=(qemu-system-x86 qemu-utils)
+wanted=(qemu-system-x86 qemu-utils beanstalkd redis-server)
 missing=()
 for pkg in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
