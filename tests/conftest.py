@@ -132,15 +132,19 @@ async def server(make_server: Callable[..., Any]) -> AsyncIterator[Server]:
     await srv.stop()
 
 
+async def open_stream(
+    server: Server, tcp: bool
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if tcp:
+        assert server.tcp_port is not None
+        return await asyncio.open_connection("127.0.0.1", server.tcp_port)
+    return await asyncio.open_unix_connection(str(server.socket_path))
+
+
 @pytest.fixture
 def text(server: Server) -> Callable[..., Any]:
     async def connect(tcp: bool = False) -> TextClient:
-        if tcp:
-            assert server.tcp_port is not None
-            r, w = await asyncio.open_connection("127.0.0.1", server.tcp_port)
-        else:
-            r, w = await asyncio.open_unix_connection(str(server.socket_path))
-        return TextClient(r, w)
+        return TextClient(*await open_stream(server, tcp))
 
     return connect
 
@@ -148,11 +152,6 @@ def text(server: Server) -> Callable[..., Any]:
 @pytest.fixture
 def raw(server: Server) -> Callable[..., Any]:
     async def connect(tcp: bool = False) -> RawMsgpack:
-        if tcp:
-            assert server.tcp_port is not None
-            r, w = await asyncio.open_connection("127.0.0.1", server.tcp_port)
-        else:
-            r, w = await asyncio.open_unix_connection(str(server.socket_path))
-        return RawMsgpack(r, w)
+        return RawMsgpack(*await open_stream(server, tcp))
 
     return connect
