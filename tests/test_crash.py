@@ -67,25 +67,11 @@ async def test_sigkill_under_load_keeps_every_promise(tmp_path: Path, fsync: str
 # --------------------------------------------------------------------------- corrupt log
 
 
-async def _serve_fails(data_dir: Path, socket: Path) -> tuple[int, str]:
+async def _spinbroker(*argv: str) -> tuple[int, str]:
+    """Run `python -m spinbroker ARGV...` to its end: exit code and its stderr (and stdout)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        *("-m", "spinbroker", "serve", "--data-dir", str(data_dir)),
-        *("--socket", str(socket), "--no-tcp"),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(30):
-        _, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, err.decode()
-
-
-async def _wal_repair(data_dir: Path) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "spinbroker", "wal", "repair", str(data_dir)),
+        *("-m", "spinbroker", *argv),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -94,6 +80,16 @@ async def _wal_repair(data_dir: Path) -> tuple[int, str]:
         out, _ = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode()
+
+
+async def _serve_fails(data_dir: Path, socket: Path) -> tuple[int, str]:
+    return await _spinbroker(
+        "serve", "--data-dir", str(data_dir), "--socket", str(socket), "--no-tcp"
+    )
+
+
+async def _wal_repair(data_dir: Path) -> tuple[int, str]:
+    return await _spinbroker("wal", "repair", str(data_dir))
 
 
 @pytest.mark.timeout(90)
