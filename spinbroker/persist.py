@@ -144,8 +144,6 @@ class Snapshotter:
         self.last_lsn = 0
         self.last_at = time.monotonic()
         self.running: asyncio.Task[None] | None = None
-        #: The longest time the event loop was held by a fork, in seconds (for STATS/bench).
-        self.longest_fork = 0.0
         self.taken = 0
 
     def due(self, lsn: int, every_records: int, every_seconds: float) -> bool:
@@ -173,7 +171,6 @@ class Snapshotter:
             self.last_at = time.monotonic()
             raise
         forked = time.monotonic() - started
-        self.longest_fork = max(self.longest_fork, forked)
         self.running = loop.create_task(self._finish(pid, lsn, started, forked))
         return self.running
 

@@ -24,7 +24,6 @@ import fcntl
 import logging
 import os
 import signal
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -831,11 +830,3 @@ def run(config: ServerConfig) -> int:
     )
     with asyncio.Runner(loop_factory=_new_loop) as runner:
         return runner.run(_serve(config))
-
-
-def free_tcp_port() -> int:
-    """A free loopback port (for tests and benchmarks that need one up front)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
