@@ -491,14 +491,12 @@ class Server:
         assert self.wal is not None
         self._committing = True
         target = self.appended_lsn
-        future = self.wal.commit_future()
-        future.add_done_callback(lambda f: self._committed(f, target))
+        self.wal.on_commit(lambda exc: self._committed(exc, target))
 
-    def _committed(self, future: asyncio.Future[None], target: int) -> None:
+    def _committed(self, exc: BaseException | None, target: int) -> None:
         self._committing = False
-        if self._stopping or future.cancelled():
+        if self._stopping:
             return  # _close_log commits what is left itself
-        exc = future.exception()
         if isinstance(exc, WalWriteError):
             self._storage_failed(exc)
             # The log keeps the records and retries; ask again a little later.

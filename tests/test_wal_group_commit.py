@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import threading
 from pathlib import Path
 
-from spinbroker.wal import Wal
+from spinbroker.wal import Wal, WalWriteError
 from spinbroker.wal.files import OsFiles, WalFile
 from spinbroker.wal.memfiles import MemoryFiles
 
@@ -161,4 +162,46 @@ async def test_batch_mode_acks_after_write_and_syncs_within_the_interval() -> No
     assert await asyncio.to_thread(synced.wait, 5.0)
     while wal.synced_lsn < 51:  # the flush that synced reports back on the loop
         await asyncio.sleep(0)
+    await wal.close()
+
+
+async def test_on_commit_calls_back_once_synced_and_may_commit_again() -> None:
+    """The callback form the server uses: called only after the fdatasync, at once when
+    nothing is pending, and free to append and commit again from inside the callback."""
+    fs = MemoryFiles()
+    wal = open_wal(fs)
+    got: list[tuple[str, BaseException | None, int]] = []
+    done = asyncio.get_running_loop().create_future()
+
+    def second(exc: BaseException | None) -> None:
+        got.append(("second", exc, wal.durable_lsn))
+        done.set_result(None)
+
+    def first(exc: BaseException | None) -> None:
+        got.append(("first", exc, wal.durable_lsn))
+        wal.append(b"two")
+        wal.on_commit(second)
+
+    wal.append(b"one")
+    wal.on_commit(first)
+    assert got == []  # the flush runs on the IO thread: nothing synced yet
+    await done
+    assert got == [("first", None, 1), ("second", None, 2)]
+    assert fs.durable_content(D / "wal-0000000000000001.log").count(b"two") == 1
+    wal.on_commit(lambda exc: got.append(("now", exc, wal.durable_lsn)))
+    assert got[-1] == ("now", None, 2)
+    await wal.close()
+
+
+async def test_on_commit_is_told_of_a_failed_sync() -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs)
+    fs.fail("datasync", errno.EIO)
+    failed = asyncio.get_running_loop().create_future()
+    wal.append(b"lost")
+    wal.on_commit(failed.set_result)
+    exc = await failed
+    assert isinstance(exc, WalWriteError) and exc.errno == errno.EIO
+    assert wal.durable_lsn == 0
+    fs.heal()
     await wal.close()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -199,9 +199,10 @@ class Wal:
         that needs no fdatasync; returns the LSN acknowledged so far (see writer.py)."""
         return self._group.write_now()
 
-    def commit_future(self) -> asyncio.Future[None]:
-        """Like `commit()`, as a future; starts the flush at once if none is running."""
-        return self._group.commit_future()
+    def on_commit(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Like `commit()`, as a callback given None or the failure; starts the flush at
+        once if none is running (see writer.py)."""
+        self._group.on_commit(callback)
 
     async def commit(self) -> None:
         """Return once every record appended so far is acknowledged in this log's fsync mode

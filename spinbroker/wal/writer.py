@@ -31,10 +31,13 @@ offset) by the next flush, which a later `append`/`commit`, or a retry timer, st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno as errnos
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from enum import StrEnum
+from typing import Protocol
 
 from spinbroker.wal.errors import WalClosed, WalWriteError
 from spinbroker.wal.frame import MAX_BODY, encode_record
@@ -68,8 +71,8 @@ class GroupCommit:
         self._synced_lsn = next_lsn - 1
         self._acked_lsn = next_lsn - 1
         #: commit() callers: wait for the mode's acknowledgement, or for a sync.
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._sync_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._waiters: list[tuple[int, _Waiter]] = []
+        self._sync_waiters: list[tuple[int, _Waiter]] = []
         self._inflight: asyncio.Future[None] | None = None
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -119,24 +122,23 @@ class GroupCommit:
             self._start_flush()
         return self._acked_lsn
 
-    def commit_future(self) -> asyncio.Future[None]:
-        """`commit()` as a future, for callers that chain callbacks rather than await: it
-        also starts the flush right away when none is in flight (not at the next loop
-        pass), which saves a pass on every acknowledgement."""
-        loop = self._bind_loop()
-        assert loop is not None, "commit_future() needs a running event loop"
-        future: asyncio.Future[None] = loop.create_future()
+    def on_commit(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call `callback(None)` once every record appended so far is acknowledged, or
+        `callback(error)` if a flush fails first. It runs right where the flush is settled,
+        not a loop pass later as a future's callbacks would, and the flush starts at once
+        when none is in flight (not at the next loop pass): both save a pass on every
+        acknowledgement."""
         lsn = self._next_lsn - 1
         sync = self.mode is FsyncMode.ALWAYS
         if lsn <= (self._synced_lsn if sync else self._acked_lsn):
-            future.set_result(None)
+            callback(None)
         elif self._closed:
-            future.set_exception(WalClosed("commit on a closed log"))
+            callback(WalClosed("commit on a closed log"))
         else:
-            (self._sync_waiters if sync else self._waiters).append((lsn, future))
+            (self._sync_waiters if sync else self._waiters).append((lsn, _Callback(callback)))
             if self._inflight is None:
+                assert self._bind_loop() is not None, "on_commit() needs a running event loop"
                 self._start_flush()
-        return future
 
     async def commit(self) -> None:
         """Resolve once every record appended so far is acknowledged (see the modes)."""
@@ -229,9 +231,12 @@ class GroupCommit:
                 failure = exc
             self._flushed(failure)
             return
-        flush = self._writer.flush
-        self._inflight = loop.run_in_executor(self._executor, flush, frames, last, sync)
-        self._inflight.add_done_callback(self._flush_done)
+        # The IO thread hands the result straight back to the loop (one wake-up, one loop
+        # pass), not through run_in_executor's chain of futures, which costs extra passes
+        # on every acknowledgement.
+        self._inflight = loop.create_future()
+        job = self._executor.submit(self._writer.flush, frames, last, sync)
+        job.add_done_callback(lambda done: _call_soon_threadsafe(loop, self._flush_done, done))
 
     def _sync_now(self, last: int) -> bool:
         """Whether the next flush should end with an fdatasync."""
@@ -245,9 +250,11 @@ class GroupCommit:
         assert loop is not None
         return loop.time() - self._last_sync >= self._interval
 
-    def _flush_done(self, future: asyncio.Future[None]) -> None:
-        self._inflight = None
-        self._flushed(future.exception())
+    def _flush_done(self, job: Future[None]) -> None:
+        inflight, self._inflight = self._inflight, None
+        self._flushed(job.exception())
+        if inflight is not None:
+            inflight.set_result(None)  # close() waits on it
 
     def _flushed(self, failure: BaseException | None) -> None:
         self._settle(failure)
@@ -276,8 +283,12 @@ class GroupCommit:
             self._acked_lsn = max(self._acked_lsn, self._synced_lsn)
             self.error = _write_error(failure)
             log.error("wal: %s", self.error)
-        self._waiters = _release(self._waiters, self._acked_lsn, failure)
-        self._sync_waiters = _release(self._sync_waiters, self._synced_lsn, failure)
+        # Take the lists first: a callback (see on_commit) may commit again, appending a
+        # waiter and starting the next flush, while these resolve.
+        waiters, self._waiters = self._waiters, []
+        sync_waiters, self._sync_waiters = self._sync_waiters, []
+        self._waiters[:0] = _release(waiters, self._acked_lsn, failure)
+        self._sync_waiters[:0] = _release(sync_waiters, self._synced_lsn, failure)
 
     def _arm_timer(self, delay: float) -> None:
         if self._timer is None and self._loop is not None:
@@ -298,9 +309,42 @@ class GroupCommit:
         return self._loop.time()
 
 
+def _call_soon_threadsafe(
+    loop: asyncio.AbstractEventLoop, callback: Callable[[Future[None]], None], job: Future[None]
+) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
+        loop.call_soon_threadsafe(callback, job)
+
+
+class _Waiter(Protocol):
+    """What a commit waits with: an asyncio future, or a `_Callback`."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: None, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+class _Callback:
+    """A waiter that calls a function rather than resolving a future (see `on_commit`)."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[[BaseException | None], None]) -> None:
+        self._fn = fn
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, result: None, /) -> None:
+        self._fn(None)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self._fn(exception)
+
+
 def _release(
-    waiters: list[tuple[int, asyncio.Future[None]]], lsn: int, failure: BaseException | None
-) -> list[tuple[int, asyncio.Future[None]]]:
+    waiters: list[tuple[int, _Waiter]], lsn: int, failure: BaseException | None
+) -> list[tuple[int, _Waiter]]:
     """Resolve the waiters up to `lsn`; fail all others if the flush failed. Returns the rest."""
     remaining = []
     for target, future in waiters:
