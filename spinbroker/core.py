@@ -7,8 +7,9 @@ clock); ids come in from the caller. Every change happens by applying a record
 drift from live behaviour, and the same records always give the same state.
 
 What is *not* durable lives here too, because the ordering rules need it: agents blocked in
-NEXT (`Waiter`, served first come first served) and the packages that just finished (for
-WAIT). Those produce no records of their own; the leases they lead to do.
+NEXT (`Waiter`, served first come first served), the packages that just finished (for
+WAIT) and the commands a dependency just made ready. Those produce no records of their own;
+the leases they lead to do.
 
 Invariants, kept here and nowhere else:
 - A resource queue delivers its ready commands in (enqueue sequence, position in package)
@@ -339,6 +340,9 @@ class Broker:
         self.deliveries: list[tuple[Waiter, Command]] = []
         #: Packages that finished since the last drain (for WAIT).
         self.finished: list[Package] = []
+        #: Commands made ready by a dependency's success since the last drain (the server
+        #: tracks which record made a command deliverable: readiness.py).
+        self.readied: list[Command] = []
         self._dirty: set[ResourceQueue] = set()
         self._owner_leases: dict[int, set[Command]] = {}
         # Deadline heaps, lazily cleaned: (when, tiebreak, key).
@@ -809,6 +813,7 @@ class Broker:
                     if dep.unmet == 0:
                         dep.queue.waiting -= 1
                         self._make_ready(dep)
+                        self.readied.append(dep)
         else:
             self._settle(cmd, FAILED)
             pkg = cmd.package

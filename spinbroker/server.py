@@ -39,6 +39,7 @@ from .core import Broker, Command, NewCommand, Waiter, check_name
 from .errors import BrokerError, ErrorCode
 from .ids import IdGenerator
 from .persist import RecoveryReport, Snapshotter
+from .readiness import ReadyLsns
 from .wal import FileLayer, Wal, WalCorruption, WalError, WalWriteError
 
 log = logging.getLogger("spinbroker.server")
@@ -173,7 +174,9 @@ class Connection(asyncio.Protocol):
                 # While the disk fails, reads answer from memory rather than not at all: what
                 # they show may include changes not durable yet (see protocol.md).
                 need = server.durable_lsn
-        if need > server.durable_lsn or self.held:
+        if need > server.durable_lsn or (self.held and self.codec.mode is Mode.TEXT):
+            # Text mode answers in request order; msgpack replies carry their request's id,
+            # so one that needs nothing more may overtake those still waiting for the log.
             self.held.append((need, data, req_id, verb))
         else:
             self.out.append(data)
@@ -183,6 +186,13 @@ class Connection(asyncio.Protocol):
         held = self.held
         while held and held[0][0] <= durable_lsn:
             self.out.append(held.popleft()[1])
+        if held and self.codec.mode is not Mode.TEXT:
+            # Held replies are in request order, which is not quite LSN order once a NEXT
+            # waits for less than the replies before it: release any that are due.
+            due = [h for h in held if h[0] <= durable_lsn]
+            if due:
+                self.out.extend(h[1] for h in due)
+                self.held = deque(h for h in held if h[0] > durable_lsn)
 
     def fail_held(self, err: BrokerError) -> None:
         """The log could not make the held replies' records durable: none of them is an
@@ -257,6 +267,8 @@ class Server:
         self.dirty: set[Connection] = set()
         self.appended_lsn = 0
         self.durable_lsn = 0
+        #: Which record made each deliverable command deliverable (what a NEXT waits for).
+        self.ready_lsns = ReadyLsns(0)
         self.waits: dict[str, list[Blocked]] = {}
         self.tcp_port: int | None = None
         self.loop: asyncio.AbstractEventLoop  # set by start()
@@ -330,6 +342,8 @@ class Server:
         )
         log.info("recovered: %s", self.recovery.describe())
         self.appended_lsn = self.durable_lsn = wal.last_lsn
+        self.core.readied.clear()  # replayed: all of it is durable
+        self.ready_lsns = ReadyLsns(self.core.next_order)
         self.snapshotter = Snapshotter(wal)
         self.snapshotter.last_lsn = self.recovery.snapshot_lsn
         self._append_outbox()
@@ -422,7 +436,7 @@ class Server:
         try:
             await self.wal.commit()
             # The last held replies are acknowledgements now: send them, then close.
-            self.durable_lsn = self.appended_lsn
+            self._made_durable(self.appended_lsn)
             self._release_held()
             if self.snapshotter is not None and self.appended_lsn > 0:
                 await self.snapshotter.take_inline(self.core, self.appended_lsn)
@@ -448,13 +462,18 @@ class Server:
             self._append_outbox()
             assert self.wal is not None
             if self.wal.write_now() >= self.appended_lsn:
-                self.durable_lsn = self.appended_lsn  # `off`/`batch`: written in this pass
+                self._made_durable(self.appended_lsn)  # `off`/`batch`: written in this pass
             else:
                 self._request_commit()
         if core.deliveries:
             deliveries, core.deliveries = core.deliveries, []
+            ready_need = self.ready_lsns.need
             for waiter, cmd in deliveries:
-                self._deliver(waiter, cmd, base + waiter.lease_record)
+                # Whichever is lower: what made the command ready, or everything before its
+                # lease record (both are logged by now; both cover what it reveals).
+                need = base + waiter.lease_record
+                ready = ready_need(cmd, ()) if cmd.delivery == 1 else None
+                self._deliver(waiter, cmd, need if ready is None else min(need, ready))
         if core.finished:
             finished, core.finished = core.finished, []
             for pkg in finished:
@@ -478,10 +497,19 @@ class Server:
         assert self.wal is not None
         append, pack = self.wal.append, self._packer.pack
         lsn = self.appended_lsn
-        for rec in self.core.outbox:
+        core = self.core
+        for rec in core.outbox:
             lsn = append(pack(records.to_wire(rec)))
-        self.core.outbox.clear()
+        core.outbox.clear()
         self.appended_lsn = lsn
+        self.ready_lsns.logged(core.next_order, core.readied, lsn)
+        if core.readied:
+            core.readied = []
+
+    def _made_durable(self, lsn: int) -> None:
+        if lsn > self.durable_lsn:
+            self.durable_lsn = lsn
+            self.ready_lsns.durable(lsn)
 
     def _request_commit(self) -> None:
         """Group commit: one commit in flight at a time; every record appended meanwhile
@@ -511,7 +539,7 @@ class Server:
                 time.monotonic() - self._failing_since,
             )
             self._failing_since = None
-        self.durable_lsn = max(self.durable_lsn, target)
+        self._made_durable(target)
         self._release_held()
         if self.durable_lsn < self.appended_lsn:
             self._request_commit()
@@ -555,9 +583,12 @@ class Server:
             task.add_done_callback(self._tasks.discard)
 
     def _deliver(self, waiter: Waiter, cmd: Command, need: int) -> None:
-        """Answer a parked NEXT. Like every reply it waits for the records before it, but
-        not for its own lease record: a lease is not promised to outlive a crash (the
-        command is delivered again), so a NEXT costs no fsync of its own."""
+        """Answer a parked NEXT. A first delivery waits only for what made the command
+        deliverable (readiness.py), not for unrelated records nor its own lease record: a
+        lease is not promised to outlive a crash (the command is delivered again), so a
+        NEXT costs no fsync of its own. A later delivery waits for every record before its
+        lease, the earlier leases' included, so that a crash loses at most the last one
+        (the delivery count a restarted broker has is at most one lower than the agent's)."""
         blocked = waiter.token
         assert isinstance(blocked, Blocked)
         self._unblock(blocked)
@@ -691,7 +722,7 @@ class Server:
         self._block(conn, blocked, timeout)
 
     def _next(self, conn: Connection, req: Request) -> None:
-        self._take(conn, req, *_next_args(req.args))
+        self._take(conn, req, *_next_args(req.args), acknowledges=False)
 
     def _take(
         self,
@@ -700,16 +731,22 @@ class Server:
         resource: str,
         timeout: float | None,
         ttr: float | None,
+        acknowledges: bool,
     ) -> None:
-        """NEXT: deliver the first ready command of `resource`, or park until one is."""
+        """NEXT: deliver the first ready command of `resource`, or park until one is.
+        `acknowledges`: the reply also acknowledges this request's earlier change (COMPLETE
+        with `next`), so it waits for that change's record too."""
         blocked = Blocked(conn, req)
         waiter = Waiter(blocked, conn.id, ttr)
         block = timeout != 0
         cmd = self.core.next(resource, waiter, self.clock(), block)
         if cmd is not None:
-            # Not waiting for its own lease record: see `_deliver`.
-            need = self.appended_lsn + len(self.core.outbox) - 1
-            conn.reply(req, "ok", cmd.delivered(), need)
+            # Not waiting for its own lease record nor unrelated ones: see `_deliver`.
+            everything_before = self.appended_lsn + len(self.core.outbox) - 1
+            need = None
+            if not acknowledges and cmd.delivery == 1:
+                need = self.ready_lsns.need(cmd, self.core.readied)
+            conn.reply(req, "ok", cmd.delivered(), everything_before if need is None else need)
             return
         if not block:
             conn.reply(req, "empty", None)
@@ -755,7 +792,7 @@ class Server:
             raise BrokerError(ErrorCode.BAD_REQUEST, "argument 'next' must be a map")
         next_args = _next_args(then)
         self.core.complete(command_id, success, reason, delivery, self.clock())
-        self._take(conn, req, *next_args)
+        self._take(conn, req, *next_args, acknowledges=True)
 
     def _cancel(self, conn: Connection, req: Request) -> None:
         package_id = requests.string(req.args, "package")

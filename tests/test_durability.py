@@ -938,3 +938,114 @@ async def test_a_snapshot_holds_exactly_the_records_up_to_its_lsn(brokers: Broke
             body = read_snapshot(files, lsn, path).body
             held[lsn] = len(load_state(msgpack.unpackb(body, strict_map_key=False)).packages)
     assert held and all(n == lsn for lsn, n in held.items()), f"lsn -> packages: {held}"
+
+
+# --------------------------------------------------------------------------- what NEXT waits for
+
+
+async def two_ready(brokers: Brokers, deps: bool = False) -> tuple[Server, MemoryFiles, list[str]]:
+    fs = MemoryFiles()
+    server = await brokers.start(brokers.config(), files=fs)
+    c = await brokers.client(server)
+    second: dict[str, Any] = {"resource": "r", "action": "b"}
+    if deps:
+        second["dependencies"] = [0]
+    _, ids = await c.submit([{"resource": "r", "action": "a"}, second])
+    return server, fs, ids
+
+
+async def test_next_does_not_wait_for_an_unrelated_fsync(brokers: Brokers) -> None:
+    """A NEXT reveals one command: it waits for what made that command deliverable (here
+    long durable), not for another producer's SUBMIT stuck in its fsync. STATS, which
+    counts the new package, still waits."""
+    server, fs, (a, _) = await two_ready(brokers)
+    producer, agent, watcher = [await brokers.client(server) for _ in range(3)]
+    gate = Gate()
+    fs.hooks["datasync"] = gate
+    submit = asyncio.ensure_future(producer.submit(one()))
+    await gate.wait_entered()
+    got = await asyncio.wait_for(agent.next("r", timeout=0), 5)
+    assert got is not None and got.id == a
+    stats = asyncio.ensure_future(watcher.stats())
+    done, _ = await asyncio.wait([submit, stats], timeout=0.3)
+    assert not done, [t.result() for t in done]
+    gate.released.set()
+    await submit
+    assert (await stats)["totals"]["commands"] == 3
+
+
+async def test_an_agent_may_pipeline_complete_with_next(brokers: Brokers) -> None:
+    """COMPLETE then NEXT, sent together: the next command comes at once while the
+    completion is still being synced, and the completion's own reply waits for its sync.
+    If the power goes before that, the completion was never acknowledged and is lost (the
+    command is delivered again); the command leased meanwhile is ready again."""
+    server, fs, (a, b) = await two_ready(brokers)
+    agent = await brokers.client(server)
+    got = await agent.next("r", timeout=0)
+    assert got is not None and got.id == a
+    gate = Gate()
+    fs.hooks["datasync"] = gate
+    complete = asyncio.ensure_future(agent.complete(a, True, delivery=1))
+    take = asyncio.ensure_future(agent.next("r", timeout=5))
+    await gate.wait_entered()
+    got = await asyncio.wait_for(take, 5)
+    assert got is not None and got.id == b
+    assert not complete.done()
+    after = fs.crash()
+    gate.released.set()
+    assert await refused(complete)
+    await brokers.close_clients()
+    await server.stop()
+    server = await brokers.start(server.config, files=after)
+    c = await brokers.client(server)
+    assert [(await command_status(c, x)).state for x in (a, b)] == ["ready", "ready"]
+
+
+async def test_next_waits_for_the_completion_that_made_its_command_ready(
+    brokers: Brokers,
+) -> None:
+    """b depends on a: a NEXT that would deliver b must wait until a's completion is
+    durable. The power goes first: neither is acknowledged, and b was never delivered."""
+    server, fs, (a, b) = await two_ready(brokers, deps=True)
+    agent = await brokers.client(server)
+    got = await agent.next("r", timeout=0)
+    assert got is not None and got.id == a
+    gate = Gate()
+    fs.hooks["datasync"] = gate
+    complete = asyncio.ensure_future(agent.complete(a, True, delivery=1))
+    await gate.wait_entered()
+    take = asyncio.ensure_future(agent.next("r", timeout=5))
+    done, _ = await asyncio.wait([complete, take], timeout=0.3)
+    assert not done, [t.result() for t in done]
+    after = fs.crash()
+    gate.released.set()
+    assert await refused(complete)
+    assert await refused(take)
+    await brokers.close_clients()
+    await server.stop()
+    server = await brokers.start(server.config, files=after)
+    c = await brokers.client(server)
+    assert [(await command_status(c, x)).state for x in (a, b)] == ["ready", "waiting"]
+
+
+async def test_text_mode_replies_stay_in_request_order(brokers: Brokers) -> None:
+    """A person reads text replies by position: the NEXT typed after a COMPLETE whose sync
+    is stuck may not answer before it, though in msgpack mode it would."""
+    server, fs, (a, b) = await two_ready(brokers)
+    reader, writer = await asyncio.open_unix_connection(str(server.socket_path))
+    try:
+        writer.write(b"NEXT r 0\n")
+        assert a in (await asyncio.wait_for(reader.readline(), 5)).decode()
+        gate = Gate()
+        fs.hooks["datasync"] = gate
+        writer.write(f"COMPLETE {a} true\nNEXT r 0\n".encode())
+        await gate.wait_entered()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.readline(), 0.3)
+        gate.released.set()
+        first = (await asyncio.wait_for(reader.readline(), 5)).decode()
+        second = (await asyncio.wait_for(reader.readline(), 5)).decode()
+        assert first.startswith("OK ") and '"state": "succeeded"' in first.replace('":"', '": "')
+        assert second.startswith("OK ") and b in second
+    finally:
+        writer.close()
