@@ -10,7 +10,15 @@ isolates the servers. Every connection offers:
   put_package(payloads)  one atomic request holding every payload (if supports_package)
   take(timeout)          blocking take: (handle, payload) or None on timeout
   ack(handle)            acknowledge a taken job
+  ack_then_take(handle, timeout)
+                         acknowledge and take the next job, pipelined: both requests in one
+                         write, so a cycle costs one round trip on every system. The
+                         acknowledgement's reply is read when it comes (spinbroker may answer
+                         the take first: its acknowledgement waits for an fsync, its take
+                         does not); `settle()` waits for the ones still due
   ping()                 the cheapest round trip (spinbroker only: the stall probe)
+
+`acked_at` is the time the last acknowledgement's reply was read.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import asyncio
 import contextlib
 import math
 import struct
+import time
 from typing import Any
 
 import msgpack
@@ -49,9 +58,14 @@ class Conn:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.r, self.w = reader, writer
+        self.acked_at = 0
 
     async def put(self, data: bytes) -> None:
         await self.put_batch([data])  # type: ignore[attr-defined]
+
+    async def settle(self) -> None:
+        """Wait for the replies of pipelined acknowledgements (in-order protocols have
+        read them already)."""
 
     async def close(self) -> None:
         self.w.close()
@@ -69,6 +83,8 @@ class SpinConn(Conn):
         self.packer = msgpack.Packer()
         self.unpacker = msgpack.Unpacker(raw=False)
         self.ids = 0
+        #: Pipelined COMPLETEs whose reply has not been read yet.
+        self.unacked: set[int] = set()
 
     def frame(self, verb: str, args: dict[str, Any]) -> bytes:
         self.ids += 1
@@ -89,9 +105,30 @@ class SpinConn(Conn):
                 raise ConnectionError("spinbroker closed the connection")
             self.unpacker.feed(data)
 
+    async def reply_to(self, rid: int | None) -> Any:
+        """The body of the reply to request `rid` (None: until no COMPLETE is unacked).
+        Replies to pipelined COMPLETEs read meanwhile are checked off; an error raises."""
+        while rid is not None or self.unacked:
+            for got, kind, body in self.unpacker:
+                if kind == "error":
+                    raise RuntimeError(f"spinbroker error: {body}")
+                if got == rid:
+                    return body
+                if got not in self.unacked:
+                    raise RuntimeError(f"spinbroker: a reply to no request: {got}")
+                self.unacked.discard(got)
+                self.acked_at = time.perf_counter_ns()
+                if rid is None and not self.unacked:
+                    return None
+            data = await self.r.read(1 << 16)
+            if not data:
+                raise ConnectionError("spinbroker closed the connection")
+            self.unpacker.feed(data)
+        return None
+
     async def request(self, verb: str, args: dict[str, Any] | None = None) -> Any:
         self.w.write(self.frame(verb, args or {}))
-        return (await self.replies(1))[0]
+        return await self.reply_to(self.ids)
 
     @staticmethod
     def command(data: bytes, resource: str = QUEUE, deps: list[int] | None = None) -> Any:
@@ -112,14 +149,19 @@ class SpinConn(Conn):
 
     async def ack(self, handle: Any) -> None:
         await self.request("COMPLETE", {"command": handle, "success": True})
+        self.acked_at = time.perf_counter_ns()
 
-    async def ack_take(
+    async def ack_then_take(
         self, handle: Any, timeout: float, resource: str = QUEUE
     ) -> tuple[Any, bytes] | None:
-        """COMPLETE + NEXT in one round trip (COMPLETE with `next`)."""
-        nxt = {"resource": resource, "timeout": timeout}
-        cmd = await self.request("COMPLETE", {"command": handle, "success": True, "next": nxt})
+        complete = self.frame("COMPLETE", {"command": handle, "success": True})
+        self.unacked.add(self.ids)
+        self.w.write(complete + self.frame("NEXT", {"resource": resource, "timeout": timeout}))
+        cmd = await self.reply_to(self.ids)
         return None if cmd is None else (cmd["id"], cmd["parameters"]["data"])
+
+    async def settle(self) -> None:
+        await self.reply_to(None)
 
     async def ping(self) -> None:
         await self.request("PING")
@@ -139,8 +181,15 @@ class BeanstalkConn(Conn):
         for _ in datas:
             await self.expect(b"INSERTED")
 
+    @staticmethod
+    def reserve(timeout: float) -> bytes:
+        return b"reserve-with-timeout %d\r\n" % math.ceil(timeout)
+
     async def take(self, timeout: float) -> tuple[Any, bytes] | None:
-        self.w.write(b"reserve-with-timeout %d\r\n" % math.ceil(timeout))
+        self.w.write(self.reserve(timeout))
+        return await self.taken()
+
+    async def taken(self) -> tuple[Any, bytes] | None:
         line = await self.r.readline()
         if line.startswith(b"TIMED_OUT"):
             return None
@@ -152,6 +201,13 @@ class BeanstalkConn(Conn):
     async def ack(self, handle: Any) -> None:
         self.w.write(b"delete %b\r\n" % handle)
         await self.expect(b"DELETED")
+        self.acked_at = time.perf_counter_ns()
+
+    async def ack_then_take(self, handle: Any, timeout: float) -> tuple[Any, bytes] | None:
+        self.w.write(b"delete %b\r\n%b" % (handle, self.reserve(timeout)))
+        await self.expect(b"DELETED")
+        self.acked_at = time.perf_counter_ns()
+        return await self.taken()
 
 
 def resp(*parts: bytes) -> bytes:
@@ -190,15 +246,28 @@ class RespConn(Conn):
         self.w.write(resp(b"RPUSH", QUEUE.encode(), *datas))
         await self.reply()
 
+    def blmove(self, timeout: float) -> bytes:
+        return resp(b"BLMOVE", QUEUE.encode(), self.processing, b"LEFT", b"RIGHT", b"%g" % timeout)
+
+    def lrem(self, handle: bytes) -> bytes:
+        return resp(b"LREM", self.processing, b"-1", handle)
+
     async def take(self, timeout: float) -> tuple[Any, bytes] | None:
-        args = (QUEUE.encode(), self.processing, b"LEFT", b"RIGHT", b"%g" % timeout)
-        self.w.write(resp(b"BLMOVE", *args))
+        self.w.write(self.blmove(timeout))
         data = await self.reply()
         return None if data is None else (data, data)  # type: ignore[return-value]
 
     async def ack(self, handle: Any) -> None:
-        self.w.write(resp(b"LREM", self.processing, b"-1", handle))
+        self.w.write(self.lrem(handle))
         await self.reply()
+        self.acked_at = time.perf_counter_ns()
+
+    async def ack_then_take(self, handle: Any, timeout: float) -> tuple[Any, bytes] | None:
+        self.w.write(self.lrem(handle) + self.blmove(timeout))
+        await self.reply()
+        self.acked_at = time.perf_counter_ns()
+        data = await self.reply()
+        return None if data is None else (data, data)  # type: ignore[return-value]
 
 
 CONNS: dict[str, type[Conn]] = {

@@ -51,33 +51,26 @@ async def produce(c: Any, k: int, p: dict[str, Any], end: int) -> Result:
 
 
 async def agent(c: Any, k: int, p: dict[str, Any], end: int) -> Result:
-    """take + ack until p["n"] jobs or a take times out (the queue is drained).
-    Latency is one take+ack cycle, or with p["wake"] the payload's send time -> received.
-    Where the protocol can ack and take in one request (spinbroker's COMPLETE with `next`),
-    the agent does, as a real agent would: one round trip per job instead of two. That take
-    never blocks (timeout 0): when nothing is ready, a plain blocking take follows, so no
-    job's latency includes waiting on an empty queue."""
-    resource = p.get("resource")
-    take = c.take if resource is None else lambda t: c.take(t, resource)
-    both = getattr(c, "ack_take", None)
+    """take + ack until p["n"] jobs or a take times out (the queue is drained). Each ack is
+    pipelined with the next take (one write, one round trip per job, on every system).
+    Latency is the cycle from one job in hand to the next, or with p["wake"] the payload's
+    send time -> received. The ops end when the last acknowledgement is read, so a final
+    take that waits out the timeout on a drained queue is not counted."""
+    extra = () if p.get("resource") is None else (p["resource"],)
     lat: list[int] = []
-    t = last = now()
-    job = await take(p["timeout"]) if last < end else None
+    t = now()
+    job = await c.take(p["timeout"], *extra) if t < end else None
     while job is not None:
         got = now()
-        more = len(lat) + 1 < p["n"]
-        following = None
-        if both is not None and more:
-            following = await both(job[0], 0, *(() if resource is None else (resource,)))
+        lat.append(got - sent_ns(job[1]) if p.get("wake") else got - t)
+        t = got
+        if len(lat) < p["n"] and got < end:
+            job = await c.ack_then_take(job[0], p["timeout"], *extra)
         else:
             await c.ack(job[0])
-        last = now()
-        lat.append(got - sent_ns(job[1]) if p.get("wake") else last - t)
-        t = last
-        if not more or last >= end:
-            break
-        job = following if following is not None else await take(p["timeout"])
-    return lat, len(lat), last
+            job = None
+    await c.settle()
+    return lat, len(lat), c.acked_at or now()
 
 
 async def ticker(c: Any, k: int, p: dict[str, Any], end: int) -> Result:
