@@ -174,10 +174,17 @@ class Connection(asyncio.Protocol):
                 # While the disk fails, reads answer from memory rather than not at all: what
                 # they show may include changes not durable yet (see protocol.md).
                 need = server.durable_lsn
-        if need > server.durable_lsn or (self.held and self.codec.mode is Mode.TEXT):
-            # Text mode answers in request order; msgpack replies carry their request's id,
-            # so one that needs nothing more may overtake those still waiting for the log.
-            self.held.append((need, data, req_id, verb))
+        held = self.held
+        if need > server.durable_lsn or (held and self.codec.mode is Mode.TEXT):
+            # Text mode answers in request order. msgpack replies carry their request's id,
+            # so one that needs nothing more overtakes those still waiting for the log, and
+            # held ones are kept in the order of the LSN they need (a NEXT may need less
+            # than the replies before it).
+            at = len(held)
+            if self.codec.mode is not Mode.TEXT:
+                while at and held[at - 1][0] > need:
+                    at -= 1
+            held.insert(at, (need, data, req_id, verb))
         else:
             self.out.append(data)
         server.dirty.add(self)
@@ -186,13 +193,6 @@ class Connection(asyncio.Protocol):
         held = self.held
         while held and held[0][0] <= durable_lsn:
             self.out.append(held.popleft()[1])
-        if held and self.codec.mode is not Mode.TEXT:
-            # Held replies are in request order, which is not quite LSN order once a NEXT
-            # waits for less than the replies before it: release any that are due.
-            due = [h for h in held if h[0] <= durable_lsn]
-            if due:
-                self.out.extend(h[1] for h in due)
-                self.held = deque(h for h in held if h[0] > durable_lsn)
 
     def fail_held(self, err: BrokerError) -> None:
         """The log could not make the held replies' records durable: none of them is an

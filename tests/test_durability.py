@@ -1049,3 +1049,35 @@ async def test_text_mode_replies_stay_in_request_order(brokers: Brokers) -> None
         assert second.startswith("OK ") and b in second
     finally:
         writer.close()
+
+
+async def test_a_held_next_leaves_as_soon_as_its_own_record_is_durable(brokers: Brokers) -> None:
+    """Replies held on one msgpack connection leave in the order of the LSN they need, not
+    of the requests: a NEXT for a command whose SUBMIT is being synced, sent after a
+    COMPLETE logged later, answers once that SUBMIT is durable, while the COMPLETE still
+    waits for the next sync."""
+    fs = MemoryFiles()
+    server = await brokers.start(brokers.config(), files=fs)
+    producer, agent = [await brokers.client(server) for _ in range(2)]
+    _, (x,) = await producer.submit(one())
+    assert (got := await agent.next("r", timeout=0)) is not None and got.id == x
+    await agent.ping()  # its reply waits for the lease record: no sync is left in flight
+    first, second = Gate(), Gate()
+    fs.hooks["datasync"] = first
+    submit = asyncio.ensure_future(producer.submit(one()))
+    await first.wait_entered()
+    fs.hooks["datasync"] = second
+    complete = asyncio.ensure_future(agent.complete(x, True, delivery=1))
+    take = asyncio.ensure_future(agent.next("r", timeout=5))
+    deadline = asyncio.get_running_loop().time() + 5
+    # No event says "both requests were handled": poll the server, bounded.
+    while not any(len(c.held) == 2 for c in server.connections.values()):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.001)
+    first.released.set()
+    await second.wait_entered()
+    (package, (y,)) = await submit
+    assert (got := await asyncio.wait_for(take, 5)) is not None and got.id == y
+    assert not complete.done()
+    second.released.set()
+    assert await complete == "succeeded"
