@@ -1076,7 +1076,7 @@ async def test_a_held_next_leaves_as_soon_as_its_own_record_is_durable(brokers: 
         await asyncio.sleep(0.001)
     first.released.set()
     await second.wait_entered()
-    (package, (y,)) = await submit
+    _, (y,) = await submit
     assert (got := await asyncio.wait_for(take, 5)) is not None and got.id == y
     assert not complete.done()
     second.released.set()
