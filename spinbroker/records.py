@@ -13,6 +13,7 @@ form (a list whose first element names the record type).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,34 +178,67 @@ def to_wire(rec: Record) -> list[Any]:
     raise TypeError(f"not a record: {rec!r}")
 
 
+_new = object.__new__
+
+
+# The decoders of the records a log holds most of build them with `object.__new__` and
+# plain slot stores: a dataclass __init__ call costs more than the stores themselves, and
+# recovery decodes every record of the log. Each sets every field (the round-trip tests
+# compare all of them).
+
+
+def _specs(wires: list[Any]) -> tuple[CommandSpec, ...]:
+    specs = []
+    for c in wires:
+        spec = _new(CommandSpec)
+        spec.id, spec.resource, spec.action, spec.parameters = c[0], c[1], c[2], c[3]
+        spec.dependencies = tuple(c[4])
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _submitted(w: list[Any]) -> PackageSubmitted:
+    rec = _new(PackageSubmitted)
+    rec.package, rec.commands, rec.at = w[1], _specs(w[2]), w[3]
+    return rec
+
+
+def _leased(w: list[Any]) -> CommandLeased:
+    rec = _new(CommandLeased)
+    rec.command, rec.delivery, rec.owner, rec.deadline = w[1], w[2], w[3], w[4]
+    rec.at, rec.ttr = w[5], w[6]
+    return rec
+
+
+def _completed(w: list[Any]) -> CommandCompleted:
+    rec = _new(CommandCompleted)
+    rec.command, rec.success, rec.reason, rec.at = w[1], w[2], w[3], w[4]
+    return rec
+
+
+#: One decoder per tag: a dict lookup rather than a chain of comparisons.
+_DECODERS: dict[str, Callable[[list[Any]], Record]] = {
+    "submitted": _submitted,
+    "leased": _leased,
+    "completed": _completed,
+    "touched": lambda w: LeaseTouched(w[1], w[2], w[3], w[4]),
+    "released": lambda w: LeaseReleased(w[1], w[2]),
+    "created": lambda w: PackageCreated(w[1], w[2]),
+    "added": lambda w: CommandsAdded(w[1], _specs(w[2]), w[3]),
+    "enqueued": lambda w: PackageEnqueued(w[1], w[2]),
+    "cancelled": lambda w: PackageCancelled(w[1], w[2]),
+    "expired": lambda w: PackageExpired(w[1], w[2]),
+    "forgotten": lambda w: PackageForgotten(w[1], w[2]),
+    "announced": lambda w: SchemaAnnounced(w[1], w[2], w[3]),
+}
+
+
 def from_wire(w: list[Any]) -> Record:
     """Inverse of `to_wire`; raises ValueError on an unknown tag or shape."""
     try:
-        tag = w[0]
-        if tag == "created":
-            return PackageCreated(w[1], w[2])
-        if tag == "added":
-            return CommandsAdded(w[1], tuple(CommandSpec.from_wire(c) for c in w[2]), w[3])
-        if tag == "enqueued":
-            return PackageEnqueued(w[1], w[2])
-        if tag == "submitted":
-            return PackageSubmitted(w[1], tuple(CommandSpec.from_wire(c) for c in w[2]), w[3])
-        if tag == "leased":
-            return CommandLeased(w[1], w[2], w[3], w[4], w[5], w[6])
-        if tag == "touched":
-            return LeaseTouched(w[1], w[2], w[3], w[4])
-        if tag == "released":
-            return LeaseReleased(w[1], w[2])
-        if tag == "completed":
-            return CommandCompleted(w[1], w[2], w[3], w[4])
-        if tag == "cancelled":
-            return PackageCancelled(w[1], w[2])
-        if tag == "expired":
-            return PackageExpired(w[1], w[2])
-        if tag == "forgotten":
-            return PackageForgotten(w[1], w[2])
-        if tag == "announced":
-            return SchemaAnnounced(w[1], w[2], w[3])
+        decode = _DECODERS.get(w[0])
+        if decode is not None:
+            return decode(w)
     except (IndexError, KeyError, TypeError) as exc:
         raise ValueError(f"malformed record {w!r}: {exc}") from exc
     raise ValueError(f"unknown record tag {w[0]!r}")

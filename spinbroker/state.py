@@ -13,7 +13,10 @@ Pure: no files. The server decides where the bytes go.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable
 from typing import Any
+
+import msgpack
 
 from .config import Limits
 from .core import (
@@ -21,7 +24,6 @@ from .core import (
     LEASED,
     READY,
     SETTLED,
-    STAGED,
     SUCCEEDED,
     WAITING,
     Broker,
@@ -76,67 +78,161 @@ def dump(broker: Broker) -> list[Any]:
 def load(
     data: list[Any], limits: Limits | None = None, schema_check: SchemaCheck | None = None
 ) -> Broker:
+    """The broker `dump` described, from the dumped value (after its msgpack round trip)."""
     fmt, next_order, schemas, packages = data
+    broker = _start(fmt, next_order, schemas, limits, schema_check)
+    _finish(broker, _build(broker, packages))
+    return broker
+
+
+def load_packed(
+    body: bytes | memoryview,
+    limits: Limits | None = None,
+    schema_check: SchemaCheck | None = None,
+    name: str = "snapshot",
+) -> Broker:
+    """`load(msgpack.unpackb(body))`, streamed: each package (with its commands) is decoded
+    and built in turn, so the whole image never exists as Python objects. At a million
+    commands that image is ~1 GB of lists and strings, allocated (page faults), read once
+    and freed; decoding package by package reuses the same few pages instead. Raises
+    ValueError if `body` (from `name`) is not exactly one dumped state."""
+    # A package is at most the whole body: that bound lets any one of them into the buffer.
+    unpacker = msgpack.Unpacker(
+        _Reader(memoryview(body)),
+        raw=False,
+        strict_map_key=False,
+        use_list=True,
+        read_size=min(_READ_SIZE, max(len(body), 1)),
+        max_buffer_size=max(len(body), 1),
+    )
+    try:
+        if unpacker.read_array_header() != 4:
+            raise ValueError("not a list of 4")
+        fmt, next_order, schemas = unpacker.unpack(), unpacker.unpack(), unpacker.unpack()
+        broker = _start(fmt, next_order, schemas, limits, schema_check)
+        count = unpacker.read_array_header()
+        unpack = unpacker.unpack
+        waiting = _build(broker, (unpack() for _ in range(count)))
+        if unpacker.tell() != len(body):
+            raise ValueError(f"{len(body) - unpacker.tell()} bytes after the state")
+    except (msgpack.UnpackException, ValueError, TypeError, IndexError) as exc:
+        raise ValueError(f"{name} does not hold a broker state: {exc}") from exc
+    _finish(broker, waiting)
+    return broker
+
+
+#: Bytes `load_packed` hands msgpack at a time.
+_READ_SIZE = 1 << 20
+
+
+class _Reader:
+    """A buffer as a file for msgpack.Unpacker, which copies it in chunk by chunk (so the
+    body is never copied whole)."""
+
+    __slots__ = ("_pos", "_view")
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._pos = 0
+
+    def read(self, size: int) -> bytes:
+        chunk = bytes(self._view[self._pos : self._pos + size])
+        self._pos += len(chunk)
+        return chunk
+
+
+def _start(
+    fmt: Any,
+    next_order: Any,
+    schemas: Any,
+    limits: Limits | None,
+    schema_check: SchemaCheck | None,
+) -> Broker:
     if fmt != FORMAT:
         raise ValueError(f"snapshot format {fmt} is not {FORMAT}")
     broker = Broker(limits, schema_check)
     broker.next_order = next_order
     broker.schemas = dict(schemas)
-    commands = broker.commands
-    for p in packages:
-        pkg = Package(p[0], p[1])
-        pkg.enqueued, pkg.cancel_requested, pkg.expired = p[2], p[3], p[4]
-        pkg.finished_at, pkg.causer, pkg.reason = p[5], p[6], p[7]
-        broker.packages[pkg.id] = pkg
-        for c in p[8]:
-            cmd = Command.__new__(Command)
-            cmd.id = c[0]
-            cmd.queue = broker.queue(c[1])
-            cmd.package = pkg
-            cmd.action = c[2]
-            cmd.parameters = c[3]
-            cmd.dependencies = tuple(c[4])
-            state = _STATES[c[5]]
-            cmd.state = state
-            cmd.reason, cmd.causer, cmd.delivery, cmd.order = c[6], c[7], c[8], c[9]
-            cmd.lease_deadline, cmd.ttr = c[10], c[11]
-            cmd.lease_owner = None
-            cmd.unmet = 0
-            cmd.dependents = None
-            commands[cmd.id] = cmd
-            pkg.commands.append(cmd)
-            if state not in SETTLED:
-                pkg.unsettled += 1
-            elif state is CANCELLED:
-                pkg.cancelled_any = True
-    _rebuild(broker)
     return broker
 
 
-def _rebuild(broker: Broker) -> None:
-    """Derive counters, heaps and the dependents lists from the loaded commands."""
-    commands = broker.commands
+#: Per state index: whether a command in that state counts as settled.
+_SETTLED_AT = [s in SETTLED for s in _STATES]
+
+
+def _build(broker: Broker, packages: Iterable[list[Any]]) -> list[Command]:
+    """Add the dumped packages and their commands, deriving on the way what `dump` leaves
+    out: counters, ready heap entries (heapified by `_finish`), lease, expiry and forget
+    deadlines. Returns the waiting commands, whose dependents are linked by `_finish` once
+    every command exists. Runs once per stored command: plain loops over locals, no call
+    per command beyond building it."""
+    commands, by_id, queues = broker.commands, broker.packages, broker.queues
+    new_package, new_command = Package.__new__, Command.__new__
+    states, settled_at = _STATES, _SETTLED_AT
     waiting: list[Command] = []
-    for pkg in broker.packages.values():
-        if pkg.finished_at is not None:
-            broker.schedule_forget(pkg.id, pkg.finished_at)
-        elif pkg.is_open:
-            broker.schedule_expiry(pkg.id, pkg.created_at)
-        for cmd in pkg.commands:
-            state = cmd.state
-            if state is STAGED:
-                continue
-            q = cmd.queue
-            if state is WAITING:
+    for p in packages:
+        pid, created_at, enqueued, cancel_requested, expired, finished_at, causer, reason, cs = p
+        pkg = new_package(Package)
+        pkg.id, pkg.created_at = pid, created_at
+        pkg.enqueued, pkg.cancel_requested, pkg.expired = enqueued, cancel_requested, expired
+        pkg.finished_at, pkg.causer, pkg.reason = finished_at, causer, reason
+        by_id[pid] = pkg
+        if finished_at is not None:
+            broker.schedule_forget(pid, finished_at)
+        elif not (enqueued or cancel_requested or expired):  # pkg.is_open
+            broker.schedule_expiry(pid, created_at)
+        pkg_commands: list[Command] = []
+        unsettled = 0
+        cancelled_any = False
+        for c in cs:
+            (
+                cid,
+                name,
+                action,
+                parameters,
+                deps,
+                index,
+                c_reason,
+                c_causer,
+                delivery,
+                order,
+                deadline,
+                ttr,
+            ) = c
+            q = queues.get(name)
+            if q is None:
+                q = broker.queue(name)
+            cmd = new_command(Command)
+            cmd.id, cmd.queue, cmd.package, cmd.action = cid, q, pkg, action
+            cmd.parameters, cmd.dependencies = parameters, tuple(deps)
+            cmd.state = state = states[index]
+            cmd.reason, cmd.causer, cmd.delivery, cmd.order = c_reason, c_causer, delivery, order
+            cmd.lease_deadline, cmd.ttr = deadline, ttr
+            cmd.lease_owner = None
+            cmd.unmet = 0
+            cmd.dependents = None
+            commands[cid] = cmd
+            pkg_commands.append(cmd)
+            if not settled_at[index]:
+                unsettled += 1
+            elif state is CANCELLED:
+                cancelled_any = True
+            if state is READY:
+                q.ready_heap.append((order, cmd))  # counted by `_finish`
+            elif state is WAITING:
                 q.waiting += 1
                 waiting.append(cmd)
-            elif state is READY:
-                q.ready += 1
-                q.ready_heap.append((cmd.order, cmd))
             elif state is LEASED:
                 q.leased += 1
-                if cmd.lease_deadline is not None:
-                    broker.schedule_lease_expiry(cmd, cmd.lease_deadline)
+                if deadline is not None:
+                    broker.schedule_lease_expiry(cmd, deadline)
+        pkg.commands, pkg.unsettled, pkg.cancelled_any = pkg_commands, unsettled, cancelled_any
+    return waiting
+
+
+def _finish(broker: Broker, waiting: list[Command]) -> None:
+    """Link the dependents lists and heapify the ready heaps."""
+    commands = broker.commands
     # Dependents lists in enqueue order, as the live path built them: a cascade then visits
     # them in the same order and names the same reasons.
     waiting.sort(key=lambda c: c.order)
@@ -151,4 +247,5 @@ def _rebuild(broker: Broker) -> None:
             else:
                 dep.dependents.append(cmd)
     for q in broker.queues.values():
+        q.ready = len(q.ready_heap)  # a loaded heap holds exactly the ready commands
         heapq.heapify(q.ready_heap)

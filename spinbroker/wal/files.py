@@ -1,8 +1,9 @@
 """The file layer: every byte the log reads or writes goes through `FileLayer`.
 
 Holds the small interface (`FileLayer`, `WalFile`), the real implementation over `os`
-(`OsFiles`), and the two compositions every durable file needs (`write_file_durably`,
-`rename_durably`). Tests swap in `memfiles.MemoryFiles` to simulate power loss and failing
+(`OsFiles`), the two compositions every durable file needs (`write_file_durably`,
+`rename_durably`), and `ReadAhead`, which reads the files recovery will need next on a
+background thread. Tests swap in `memfiles.MemoryFiles` to simulate power loss and failing
 disks. Must never know about records, segments or LSNs, and must never swallow an OSError:
 deciding what a failure means is the caller's job.
 """
@@ -10,6 +11,7 @@ deciding what a failure means is the caller's job.
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -152,3 +154,39 @@ def rename_durably(files: FileLayer, src: Path, dst: Path) -> None:
     """Rename within one directory, then sync that directory so the new name survives."""
     files.rename(src, dst)
     files.sync_dir(dst.parent)
+
+
+class ReadAhead:
+    """Whole-file reads started ahead of their use, on background threads.
+
+    Recovery reads hundreds of megabytes (segments, the newest snapshot) and then works on
+    them in Python; a read is a system call that releases the GIL, so reading the next file
+    overlaps checking this one. `read(path)` returns or raises what `files.read(path)` does,
+    only possibly a little earlier: use it only for files nobody writes meanwhile (the log's
+    own files while it recovers, before anything is appended)."""
+
+    def __init__(self, files: FileLayer, threads: int = 2) -> None:
+        self._files = files
+        self._threads = threads
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: dict[Path, Future[bytes]] = {}
+
+    def ahead(self, path: Path) -> None:
+        """Start reading `path` now, unless that has already started."""
+        if path in self._pending:
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="spinbroker-read")
+        self._pending[path] = self._executor.submit(self._files.read, path)
+
+    def read(self, path: Path) -> bytes:
+        """The content of `path`: read ahead if it was (the read is waited for), else now."""
+        pending = self._pending.pop(path, None)
+        return pending.result() if pending is not None else self._files.read(path)
+
+    def close(self) -> None:
+        """Drop what was read ahead and not used; a read under way ends on its own."""
+        self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None

@@ -40,6 +40,9 @@ MAX_BODY = 1 << 30
 _HEAD = struct.Struct("<IQI")
 _HEAD_CRC = struct.Struct("<I")
 _RECORD_HEADER = struct.Struct("<IQII")
+#: The first two fields of a record header (length, lsn): all a walk over frames that were
+#: already checked needs.
+LENGTH_LSN = struct.Struct("<IQ")
 
 SEGMENT_MAGIC = b"SPBWAL\x00\x01"
 SEGMENT_HEADER_SIZE = 24

@@ -17,7 +17,12 @@ Usage, in this order:
     await wal.close()
 
 A `Wal` belongs to the event loop that first appends or commits through it; its file IO
-runs on one dedicated thread (plus one for snapshots).
+runs on one dedicated thread (plus one for snapshots, and from `open` to `load` up to two
+reading ahead the files recovery needs next).
+
+Every frame's checksums are verified once: `open` checks every segment frame by frame and
+keeps those bytes (up to `keep_checked_bytes`) for `load`, which replays them as they are;
+only a segment beyond that budget is read again, and then checked again frame by frame.
 
 Retention: the newest `keep_snapshots` snapshots are kept, and the segments whose records
 are all covered by the oldest of them are deleted. With the default of 2, an invalid newest
@@ -33,10 +38,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from spinbroker.wal.errors import WalCorruption, WalWriteError
-from spinbroker.wal.files import FileLayer, OsFiles, WalFile
+from spinbroker.wal.files import FileLayer, OsFiles, ReadAhead, WalFile
 from spinbroker.wal.frame import SEGMENT_HEADER_SIZE, BadSegmentHeader, decode_segment_header
-from spinbroker.wal.reader import RecordError, iter_records
-from spinbroker.wal.recovery import Recovery, recover
+from spinbroker.wal.reader import RecordError, iter_checked, iter_records
+from spinbroker.wal.recovery import KEEP_CHECKED_BYTES, Recovery, recover
 from spinbroker.wal.segment import SegmentList, SegmentWriter, allocate, create_segment
 from spinbroker.wal.snapshot import (
     Snapshot,
@@ -61,10 +66,16 @@ class Wal:
         group: GroupCommit,
         segments: SegmentList,
         keep_snapshots: int,
+        checked: dict[Path, bytes] | None = None,
+        reader: ReadAhead | None = None,
     ) -> None:
         self._directory = directory
         self._files = files
         self._recovery = recovery
+        #: Segment bytes `open` checked, until `load` replays (and drops) them.
+        self._checked = checked if checked is not None else {}
+        #: What `open` started reading for `load` (the newest snapshot), until load.
+        self._reader = reader
         self._group = group
         self._segments = segments
         self._keep_snapshots = keep_snapshots
@@ -82,11 +93,13 @@ class Wal:
         preallocate: bool = True,
         keep_snapshots: int = 2,
         files: FileLayer | None = None,
+        keep_checked_bytes: int = KEEP_CHECKED_BYTES,
     ) -> tuple[Wal, Recovery]:
         """Recover `directory` (created if missing) and open it for appending.
 
         Raises WalCorruption if a checksum fails anywhere but in a torn tail of the newest
         segment, which is cut (kept aside, with a warning). Blocking: call it at startup.
+        Up to `keep_checked_bytes` of the checked segments stay in memory until `load`.
         """
         mode = FsyncMode(fsync)
         if segment_size < MIN_SEGMENT_SIZE:
@@ -94,16 +107,21 @@ class Wal:
         if keep_snapshots < 1:
             raise ValueError("keep_snapshots must be at least 1")
         files = files if files is not None else OsFiles()
-        recovery = recover(files, directory)
-        preallocated = segment_size if preallocate else 0
-        segments = SegmentList([(lsn, path) for lsn, path, _ in recovery.segments])
-        if recovery.segments:
-            _, path, end = recovery.segments[-1]
-            handle = _open_active(files, path, preallocated)
-        else:
-            path, handle = create_segment(files, directory, recovery.next_lsn, preallocated)
-            segments.add(recovery.next_lsn, path)
-            end = SEGMENT_HEADER_SIZE
+        reader = ReadAhead(files)
+        try:
+            recovery, checked = recover(files, directory, keep_checked_bytes, reader)
+            preallocated = segment_size if preallocate else 0
+            segments = SegmentList([(lsn, path) for lsn, path, _ in recovery.segments])
+            if recovery.segments:
+                _, path, end = recovery.segments[-1]
+                handle = _open_active(files, path, preallocated)
+            else:
+                path, handle = create_segment(files, directory, recovery.next_lsn, preallocated)
+                segments.add(recovery.next_lsn, path)
+                end = SEGMENT_HEADER_SIZE
+        except BaseException:
+            reader.close()
+            raise
         writer = SegmentWriter(
             files,
             directory,
@@ -115,7 +133,8 @@ class Wal:
             on_roll=segments.add,
         )
         group = GroupCommit(writer, mode, batch_interval_ms, recovery.next_lsn)
-        return cls(directory, files, recovery, group, segments, keep_snapshots), recovery
+        wal = cls(directory, files, recovery, group, segments, keep_snapshots, checked, reader)
+        return wal, recovery
 
     # -- recovery -------------------------------------------------------------------------
 
@@ -127,19 +146,39 @@ class Wal:
         if self._group.next_lsn != self._recovery.next_lsn:
             raise RuntimeError("Wal.load() must run before the first append")
         recovery = self._recovery
-        snapshot = choose_snapshot(
-            self._files, self._directory, recovery.first_lsn, recovery.next_lsn
-        )
+        reader, self._reader = self._reader, None
+        try:
+            read = reader.read if reader is not None else None
+            snapshot = choose_snapshot(
+                self._files, self._directory, recovery.first_lsn, recovery.next_lsn, read
+            )
+        finally:
+            if reader is not None:
+                reader.close()
         start = snapshot.lsn + 1 if snapshot is not None else 1
-        return snapshot, self._records_from(start)
+        # Take the checked bytes out of the Wal, and drop those of segments the snapshot
+        # covers right away: the iterator holds the rest, each until it is replayed.
+        checked, self._checked = self._checked, {}
+        listed = recovery.segments
+        needed = [
+            (first_lsn, path, end, checked.get(path))
+            for index, (first_lsn, path, end) in enumerate(listed)
+            if index + 1 == len(listed) or listed[index + 1][0] > start
+        ]
+        return snapshot, self._records_from(start, needed)
 
-    def _records_from(self, start: int) -> Iterator[tuple[int, bytes]]:
-        listed = self._recovery.segments
-        for index, (first_lsn, path, end) in enumerate(listed):
-            if index + 1 < len(listed) and listed[index + 1][0] <= start:
-                continue
-            data = self._files.read(path)
+    def _records_from(
+        self, start: int, segments: list[tuple[int, Path, int, bytes | None]]
+    ) -> Iterator[tuple[int, bytes]]:
+        segments.reverse()  # popped oldest first, so each segment's bytes go once replayed
+        while segments:
+            first_lsn, path, end, data = segments.pop()
             try:
+                if data is not None:
+                    # The very bytes open() checked frame by frame: not checked again.
+                    yield from iter_checked(data, first_lsn, end, start)
+                    continue
+                data = self._files.read(path)
                 if decode_segment_header(data) != first_lsn:
                     raise BadSegmentHeader("segment header changed since open")
                 for lsn, body in iter_records(data, first_lsn, end):
@@ -266,6 +305,10 @@ class Wal:
     async def close(self) -> None:
         """Write and sync everything appended, then release the files and threads. Raises
         WalWriteError if that last flush failed (the resources are released anyway)."""
+        self._checked = {}
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         try:
             await self._group.close()
         finally:

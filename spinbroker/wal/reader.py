@@ -1,10 +1,11 @@
 """Reading a segment's bytes: where its good records end and what lies after them.
 
 Holds `scan_segment`, which walks every frame of one segment and reports the first thing that
-is not a good record, classified as a possible torn write or not, and `iter_records`, which
-yields the records of a scanned range. Pure over bytes: must never open files, log, or decide
-what to do about damage (recovery.py cuts torn tails and refuses corruption; repair.py
-truncates).
+is not a good record, classified as a possible torn write or not; `iter_records`, which
+yields the records of a scanned range checking every frame again (for bytes read anew), and
+`iter_checked`, which yields them from the very bytes `scan_segment` checked, without
+checking twice. Pure over bytes: must never open files, log, or decide what to do about
+damage (recovery.py cuts torn tails and refuses corruption; repair.py truncates).
 
 How damage is classified (the decision the preallocated segments force):
 
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from spinbroker.wal.frame import (
+    LENGTH_LSN,
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
     Found,
@@ -132,3 +134,26 @@ def iter_records(data: bytes, first_lsn: int, end: int) -> Iterator[tuple[int, b
         if decoded.found is Found.RECORD:
             raise RecordError(offset, f"record has LSN {decoded.lsn}, expected {expected}")
         raise RecordError(offset, f"{decoded.found.value} where a record was")
+
+
+def iter_checked(data: bytes, first_lsn: int, end: int, start: int) -> Iterator[tuple[int, bytes]]:
+    """(lsn, body) of the records in [segment header, end) with an LSN >= `start`, from the
+    same (immutable) `data` that `scan_segment` found good up to `end`: every checksum was
+    verified there, once, so this only walks the frames (the replay's fast path). Raises
+    RecordError if the frames do not chain as that scan found them, which only a caller
+    passing other bytes or another `end` can cause."""
+    unpack = LENGTH_LSN.unpack_from
+    offset, expected = SEGMENT_HEADER_SIZE, first_lsn
+    end = min(end, len(data))
+    # Every pass moves `offset` forward by at least a header: at most `end` / 20 passes.
+    while offset + RECORD_HEADER_SIZE <= end:
+        length, lsn = unpack(data, offset)
+        body_start = offset + RECORD_HEADER_SIZE
+        stop = body_start + length
+        if lsn != expected or stop > end:
+            raise RecordError(offset, f"LSN {lsn}, length {length}: not what the scan found")
+        if lsn >= start:
+            yield lsn, data[body_start:stop]
+        offset, expected = stop, lsn + 1
+    if offset != end:
+        raise RecordError(offset, f"frames end at offset {offset}, the scan found {end}")

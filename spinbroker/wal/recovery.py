@@ -6,16 +6,30 @@ and `recover`, which `Wal.open` calls: it deletes leftover temp files, cuts a to
 newest segment (keeping the cut bytes in `<segment>.torn-<offset>` and logging a warning with
 file, offset and bytes dropped), and raises `WalCorruption` for anything else. Must never
 write records, and never repair corruption silently: that is repair.py, run by a person.
+
+`recover` also hands back the bytes it checked (up to a memory budget), so that `Wal.load`
+replays from them without reading and checking every frame a second time; a segment beyond
+the budget is read and checked again at load. Given a `ReadAhead`, it reads the next segment
+and the newest snapshot (which `Wal.load` reads next) while it checks the current segment.
+Checking is Python, one core's work: when the kept segments are large, a forked child checks
+the newer half of them (it sees the very bytes this process read, copy-on-write) while this
+process checks the rest; if the child fails in any way, its half is checked here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
+import os
+import pickle
+import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from spinbroker.wal.errors import WalCorruption
-from spinbroker.wal.files import FileLayer, rename_durably, write_file_durably
+from spinbroker.wal.files import FileLayer, ReadAhead, rename_durably, write_file_durably
 from spinbroker.wal.frame import BadSegmentHeader, decode_segment_header
 from spinbroker.wal.reader import Damage, SegmentScan, scan_segment
 from spinbroker.wal.segment import TMP_SUFFIX, list_segments
@@ -24,10 +38,18 @@ from spinbroker.wal.snapshot import list_snapshots
 log = logging.getLogger("spinbroker.wal")
 
 
+#: Default budget of segment bytes `recover` keeps for `Wal.load` (see the module docstring).
+KEEP_CHECKED_BYTES = 512 << 20
+#: Kept segments totalling this much are checked by two processes (see `scan_directory`).
+FORK_CHECK_BYTES = 32 << 20
+
+
 @dataclass(frozen=True, slots=True)
 class ScannedSegment:
     path: Path
     scan: SegmentScan
+    #: The bytes `scan` was made from, if the caller asked to keep them.
+    data: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,24 +93,182 @@ class Recovery:
     removed_temp: tuple[Path, ...]
 
 
-def scan_directory(files: FileLayer, directory: Path) -> list[ScannedSegment]:
-    """Every segment of `directory`, each fully checked. Reads one segment at a time."""
-    scanned = []
-    for name_lsn, path in list_segments(files, directory):
-        data = files.read(path)
+def check_segment(name_lsn: int, data: bytes) -> SegmentScan:
+    """The bytes of the segment named for `name_lsn`, fully checked. Pure: a forked child
+    runs it too (see `scan_directory`)."""
+    try:
+        first_lsn = decode_segment_header(data)
+    except BadSegmentHeader as exc:
+        return SegmentScan(name_lsn, 0, 0, len(data), Damage(0, str(exc), False, len(data)))
+    if first_lsn != name_lsn:
+        detail = f"header names LSN {first_lsn}, the file name {name_lsn}"
+        return SegmentScan(name_lsn, 0, 0, len(data), Damage(0, detail, False, len(data)))
+    return scan_segment(data, first_lsn)
+
+
+def scan_directory(
+    files: FileLayer,
+    directory: Path,
+    keep_bytes: int = 0,
+    reader: ReadAhead | None = None,
+    fork_bytes: int | None = None,
+) -> list[ScannedSegment]:
+    """Every segment of `directory`, each fully checked, oldest first.
+
+    The oldest segments are read first, and kept with the result, while they total at
+    most `keep_bytes`; when they total `fork_bytes` (default FORK_CHECK_BYTES) or more, a
+    forked child checks the newer half of them meanwhile (checking is Python: one core's
+    work each). The rest are read and checked one at a time. With a `reader`, the next
+    segment is read while the current one is handled."""
+    fork_bytes = FORK_CHECK_BYTES if fork_bytes is None else fork_bytes
+    listed = list_segments(files, directory)
+    read = reader.read if reader is not None else files.read
+    kept: list[tuple[int, Path, bytes]] = []
+    total = 0
+    scanned: list[ScannedSegment] = []
+    for index, (name_lsn, path) in enumerate(listed):
+        if reader is not None and index + 1 < len(listed):
+            reader.ahead(listed[index + 1][1])
+        data = read(path)
+        if not scanned and total + len(data) <= keep_bytes:
+            kept.append((name_lsn, path, data))
+            total += len(data)
+            continue
+        if not scanned:
+            scanned = _check_kept(kept, total >= fork_bytes)
+        scanned.append(ScannedSegment(path, check_segment(name_lsn, data)))
+    return scanned or _check_kept(kept, total >= fork_bytes)
+
+
+def _check_kept(kept: list[tuple[int, Path, bytes]], fork: bool) -> list[ScannedSegment]:
+    """Check the kept segments, the newer half (by bytes) in a forked child if `fork`."""
+    split = _halfway(kept) if fork and len(kept) > 1 and _cores() > 1 else len(kept)
+    child = _ChildCheck(kept[split:]) if split < len(kept) else None
+    try:
+        scans = [check_segment(name_lsn, data) for name_lsn, _, data in kept[:split]]
+        if child is not None:
+            scans.extend(child.results())
+    finally:
+        if child is not None:
+            child.close()
+    return [
+        ScannedSegment(path, scan, data) for (_, path, data), scan in zip(kept, scans, strict=True)
+    ]
+
+
+def _halfway(segments: list[tuple[int, Path, bytes]]) -> int:
+    """The index that splits `segments` (two or more) into two non-empty halves by bytes."""
+    half = sum(len(data) for _, _, data in segments) / 2
+    running = 0
+    for index, (_, _, data) in enumerate(segments[:-1]):
+        running += len(data)
+        if running >= half:
+            return index + 1
+    return len(segments) - 1
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class _ChildCheck:
+    """Checks segments in a forked child, which sees the very bytes this process read
+    (copy-on-write), while this process checks others. The child only ever saves time:
+    if it cannot start, dies or answers garbage, `results` checks the segments here."""
+
+    def __init__(self, segments: list[tuple[int, Path, bytes]]) -> None:
+        self._segments = segments
+        self._pid = 0
+        self._pipe = -1
+        if not hasattr(os, "fork"):
+            return
         try:
-            first_lsn = decode_segment_header(data)
-        except BadSegmentHeader as exc:
-            damage = Damage(0, str(exc), False, len(data))
-            scanned.append(ScannedSegment(path, SegmentScan(name_lsn, 0, 0, len(data), damage)))
-            continue
-        if first_lsn != name_lsn:
-            detail = f"header names LSN {first_lsn}, the file name {name_lsn}"
-            damage = Damage(0, detail, False, len(data))
-            scanned.append(ScannedSegment(path, SegmentScan(name_lsn, 0, 0, len(data), damage)))
-            continue
-        scanned.append(ScannedSegment(path, scan_segment(data, first_lsn)))
-    return scanned
+            read_end, write_end = os.pipe()
+        except OSError:
+            return
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(read_end)
+            os.close(write_end)
+            log.warning("wal: cannot fork to check segments (%s); checking them here", exc)
+            return
+        if pid == 0:
+            os.close(read_end)
+            _child_main(segments, write_end)
+        os.close(write_end)
+        self._pid, self._pipe = pid, read_end
+
+    def results(self) -> list[SegmentScan]:
+        """The child's scans (waiting for it), or else the scans made here."""
+        answer = self._collect() if self._pid else None
+        if answer is None:
+            return [check_segment(name_lsn, data) for name_lsn, _, data in self._segments]
+        return answer
+
+    def close(self) -> None:
+        """Stop and reap the child if it is still there (when this process failed)."""
+        if self._pipe >= 0:
+            os.close(self._pipe)
+            self._pipe = -1
+        if self._pid:
+            with contextlib.suppress(OSError):
+                os.kill(self._pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                self._reap()
+
+    def _collect(self) -> list[SegmentScan] | None:
+        try:
+            with os.fdopen(self._pipe, "rb") as pipe:
+                self._pipe = -1
+                payload = pipe.read()  # to EOF: the child's end closes when it exits
+            code = self._reap()
+            failure = f"exit code {code}"
+            answer = pickle.loads(payload) if code == 0 else None
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+            failure, answer = str(exc), None
+        if (
+            isinstance(answer, list)
+            and len(answer) == len(self._segments)
+            and all(isinstance(scan, SegmentScan) for scan in answer)
+        ):
+            return answer
+        log.warning("wal: checking segments in a child failed (%s); checking them here", failure)
+        return None
+
+    def _reap(self) -> int:
+        pid, self._pid = self._pid, 0
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+
+def detach_forked_child() -> None:
+    """First thing in a forked helper child (segment checks, snapshots): no cyclic
+    collection, which would touch (and so copy) every page of the parent's heap; and
+    default SIGINT/SIGTERM with no wakeup fd, so that a signal meant for the child cannot
+    reach the parent's event loop through the wakeup fd the child inherited."""
+    gc.disable()
+    with contextlib.suppress(ValueError):  # only the main thread may (re)set these
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+
+
+def _child_main(segments: list[tuple[int, Path, bytes]], pipe: int) -> NoReturn:
+    """The forked child: check, send the scans, exit without running any of the parent's
+    cleanup (atexit, buffered files, the event loop)."""
+    code = 1
+    try:
+        detach_forked_child()
+        payload = pickle.dumps([check_segment(lsn, data) for lsn, _, data in segments])
+        with os.fdopen(pipe, "wb") as out:
+            out.write(payload)
+        code = 0
+    finally:
+        os._exit(code)
 
 
 def first_problem(segments: list[ScannedSegment]) -> Problem | None:
@@ -107,11 +287,18 @@ def first_problem(segments: list[ScannedSegment]) -> Problem | None:
     return None
 
 
-def recover(files: FileLayer, directory: Path) -> Recovery:
-    """Make `directory` a log that can be appended to; see the module docstring."""
+def recover(
+    files: FileLayer, directory: Path, keep_bytes: int = 0, reader: ReadAhead | None = None
+) -> tuple[Recovery, dict[Path, bytes]]:
+    """Make `directory` a log that can be appended to; see the module docstring. Also
+    returns the checked bytes of segments (path -> bytes, within `keep_bytes`): only the
+    part before each segment's `end` in `Recovery.segments` is good."""
     files.makedirs(directory)
     removed = _remove_temp_files(files, directory)
-    segments = scan_directory(files, directory)
+    snapshots = list_snapshots(files, directory)
+    if reader is not None and snapshots:
+        reader.ahead(snapshots[-1][1])
+    segments = scan_directory(files, directory, keep_bytes, reader)
     problem = first_problem(segments)
     torn = None
     if problem is not None:
@@ -122,9 +309,9 @@ def recover(files: FileLayer, directory: Path) -> Recovery:
     if segments:
         first_lsn, next_lsn = segments[0].scan.first_lsn, segments[-1].scan.next_lsn
     else:
-        snapshots = list_snapshots(files, directory)
         first_lsn = next_lsn = snapshots[-1][0] + 1 if snapshots else 1
-    return Recovery(directory, listed, first_lsn, next_lsn, torn, removed)
+    checked = {s.path: s.data for s in segments if s.data is not None}
+    return Recovery(directory, listed, first_lsn, next_lsn, torn, removed), checked
 
 
 def cut_tail(files: FileLayer, problem: Problem) -> TornTail:

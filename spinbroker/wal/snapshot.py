@@ -20,6 +20,7 @@ import contextlib
 import logging
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,9 @@ TMP_SUFFIX = ".tmp"
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     lsn: int
-    body: bytes
+    #: A read-only view of the body inside the file's bytes: not a copy of what can be
+    #: hundreds of megabytes.
+    body: memoryview
     path: Path
 
 
@@ -66,8 +69,8 @@ def encode_snapshot(lsn: int, body: bytes) -> bytes:
     return head + _HEAD_CRC.pack(crc32c(head)) + body
 
 
-def decode_snapshot(data: bytes, expected_lsn: int) -> bytes:
-    """The body of a snapshot file; raises BadSnapshot."""
+def decode_snapshot(data: bytes, expected_lsn: int) -> memoryview:
+    """The body of a snapshot file (a view into `data`); raises BadSnapshot."""
     if len(data) < HEADER_SIZE:
         raise BadSnapshot(0, f"file is {len(data)} bytes, shorter than a snapshot header")
     magic, lsn, length, body_crc = _HEAD.unpack_from(data)
@@ -81,7 +84,7 @@ def decode_snapshot(data: bytes, expected_lsn: int) -> bytes:
     if len(data) != HEADER_SIZE + length:
         found = len(data) - HEADER_SIZE
         raise BadSnapshot(HEADER_SIZE, f"body is {found} bytes, header says {length}")
-    body = data[HEADER_SIZE:]
+    body = memoryview(data)[HEADER_SIZE:]
     if crc32c(body) != body_crc:
         raise BadSnapshot(HEADER_SIZE, "body checksum mismatch")
     return body
@@ -97,9 +100,13 @@ def list_snapshots(files: FileLayer, directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def read_snapshot(files: FileLayer, lsn: int, path: Path) -> Snapshot:
-    """Read and verify one snapshot; raises BadSnapshot."""
-    return Snapshot(lsn, decode_snapshot(files.read(path), lsn), path)
+def read_snapshot(
+    files: FileLayer, lsn: int, path: Path, read: Callable[[Path], bytes] | None = None
+) -> Snapshot:
+    """Read (with `read` if given, else `files.read`) and verify one snapshot; raises
+    BadSnapshot."""
+    data = read(path) if read is not None else files.read(path)
+    return Snapshot(lsn, decode_snapshot(data, lsn), path)
 
 
 def write_snapshot_file(files: FileLayer, directory: Path, lsn: int, body: bytes) -> Path:
@@ -130,7 +137,11 @@ def publish_snapshot(files: FileLayer, directory: Path, lsn: int) -> Path:
 
 
 def choose_snapshot(
-    files: FileLayer, directory: Path, log_first: int, log_next: int
+    files: FileLayer,
+    directory: Path,
+    log_first: int,
+    log_next: int,
+    read: Callable[[Path], bytes] | None = None,
 ) -> Snapshot | None:
     """The newest valid snapshot, which the log must continue without a gap.
 
@@ -142,7 +153,7 @@ def choose_snapshot(
     chosen = None
     for lsn, path in reversed(list_snapshots(files, directory)):
         try:
-            chosen = read_snapshot(files, lsn, path)
+            chosen = read_snapshot(files, lsn, path, read)
             break
         except BadSnapshot as exc:
             skipped.append((lsn, path, exc))

@@ -1,0 +1,361 @@
+"""Recovery's fast paths keep every check of the slow ones.
+
+- The log: `Wal.open` checks every frame and keeps those bytes, so `Wal.load` replays them
+  without checking again; past the memory budget a segment is read and checked again.
+  Either way every frame's checksums are verified, once at least, before it is handed out.
+  Checking half of the segments in a forked child finds exactly what checking them here
+  finds, and any failure of the child falls back to checking here.
+- Snapshots: `state.load_packed` (decoding package by package) builds what
+  `state.load(msgpack.unpackb(body))` builds, and refuses what it would refuse.
+- `persist.recover` freezes the recovered objects without a last full collection: that is
+  only safe if replay and snapshot load leave no cyclic garbage, checked here on random
+  workloads.
+
+No timings here: these are the properties the speed must not cost.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spinbroker import persist, records, state
+from spinbroker.core import Broker
+from spinbroker.wal import OsFiles, Wal, WalCorruption, recovery
+from spinbroker.wal import frame as wal_frame
+from spinbroker.wal.frame import SEGMENT_HEADER_SIZE, encode_record
+from spinbroker.wal.memfiles import MemoryFiles
+from spinbroker.wal.reader import RecordError, iter_checked, scan_segment
+from spinbroker.wal.segment import segment_name
+from tests.test_state import LIMITS, observable, run_workload
+
+D = Path("/data/wal")
+
+
+def body(lsn: int) -> bytes:
+    return b"record %04d " % lsn * 3
+
+
+async def write_log(fs: MemoryFiles, count: int, **options: Any) -> None:
+    wal, _ = Wal.open(D, files=fs, segment_size=1024, **options)
+    for _ in range(count):
+        wal.append(body(wal.next_lsn))
+        await wal.commit()  # a segment rolls at a flush that finds it full
+    await wal.close()
+
+
+def open_wal(fs: MemoryFiles, **options: Any) -> Wal:
+    wal, _ = Wal.open(D, files=fs, segment_size=1024, **options)
+    return wal
+
+
+def segments(fs: MemoryFiles) -> list[str]:
+    return sorted(n for n in fs.listdir(D) if n.endswith(".log"))
+
+
+@pytest.fixture
+def crc_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Counts the checksums the frame decoder computes."""
+    calls = [0]
+    real = wal_frame.crc32c
+
+    def counting(data: Any, *args: Any) -> int:
+        calls[0] += 1
+        result: int = real(data, *args)
+        return result
+
+    monkeypatch.setattr(wal_frame, "crc32c", counting)
+    yield calls
+
+
+async def test_open_checks_every_frame_and_load_checks_none_again(crc_calls: list[int]) -> None:
+    fs = MemoryFiles()
+    await write_log(fs, 60)
+    files = len(segments(fs))
+    assert files >= 4
+    crc_calls[0] = 0
+    reads = fs.calls["read"]
+    wal = open_wal(fs)
+    # Each record: one checksum of its header, one of its body; each segment: its header.
+    assert crc_calls[0] == 2 * 60 + files
+    assert fs.calls["read"] - reads == files
+    _, replay = wal.load()
+    assert list(replay) == [(lsn, body(lsn)) for lsn in range(1, 61)]
+    assert crc_calls[0] == 2 * 60 + files, "load checked a frame a second time"
+    assert fs.calls["read"] - reads == files, "load read a segment a second time"
+    await wal.close()
+
+
+async def test_beyond_the_budget_load_reads_and_checks_again(crc_calls: list[int]) -> None:
+    fs = MemoryFiles()
+    await write_log(fs, 60)
+    files = len(segments(fs))
+    assert files >= 4
+    crc_calls[0] = 0
+    wal = open_wal(fs, keep_checked_bytes=0)
+    opened = crc_calls[0]
+    _, replay = wal.load()
+    assert list(replay) == [(lsn, body(lsn)) for lsn in range(1, 61)]
+    assert crc_calls[0] == 2 * opened
+    await wal.close()
+
+
+async def test_the_budget_keeps_the_oldest_segments_and_load_mixes_both() -> None:
+    fs = MemoryFiles()
+    await write_log(fs, 60)
+    sizes = [len(fs.read(D / name)) for name in segments(fs)]
+    reads = fs.calls["read"]
+    wal = open_wal(fs, keep_checked_bytes=sizes[0] + sizes[1])
+    _, replay = wal.load()
+    assert list(replay) == [(lsn, body(lsn)) for lsn in range(1, 61)]
+    # Every segment read at open, and all but the two kept ones again at load.
+    assert fs.calls["read"] - reads == 2 * len(sizes) - 2
+    await wal.close()
+
+
+async def test_a_segment_changed_after_open_is_refused_when_read_again() -> None:
+    fs = MemoryFiles()
+    await write_log(fs, 60)
+    path = D / segments(fs)[1]
+    wal = open_wal(fs, keep_checked_bytes=0)
+    data = bytearray(fs.read(path))
+    offset = SEGMENT_HEADER_SIZE + len(encode_record(1, body(1)))  # the second record
+    data[offset + 25] ^= 0x10
+    fs.corrupt(path, bytes(data))
+    _, replay = wal.load()
+    with pytest.raises(WalCorruption) as refused:
+        list(replay)
+    assert (refused.value.file, refused.value.offset) == (path, offset)
+    await wal.close()
+
+
+async def test_kept_bytes_are_the_ones_open_checked() -> None:
+    """What open checked is what load hands out, whatever happens to the file after."""
+    fs = MemoryFiles()
+    await write_log(fs, 60)
+    path = D / segments(fs)[1]
+    wal = open_wal(fs)
+    fs.corrupt(path, b"overwritten after the check")
+    _, replay = wal.load()
+    assert list(replay) == [(lsn, body(lsn)) for lsn in range(1, 61)]
+    await wal.close()
+
+
+async def test_load_after_a_snapshot_starts_inside_a_kept_segment() -> None:
+    fs = MemoryFiles()
+    wal = open_wal(fs, keep_snapshots=2)
+    for _ in range(60):
+        wal.append(body(wal.next_lsn))
+        await wal.commit()
+    await wal.write_snapshot(37, b"state at 37")
+    await wal.close()
+    wal = open_wal(fs)
+    snapshot, replay = wal.load()
+    assert snapshot is not None and snapshot.lsn == 37
+    assert bytes(snapshot.body) == b"state at 37"
+    assert list(replay) == [(lsn, body(lsn)) for lsn in range(38, 61)]
+    await wal.close()
+
+
+def test_iter_checked_refuses_other_bytes_than_the_scan_saw() -> None:
+    data = bytearray(wal_frame.encode_segment_header(5))
+    for lsn in (5, 6, 7):
+        data += encode_record(lsn, body(lsn))
+    scan = scan_segment(bytes(data), 5)
+    assert [lsn for lsn, _ in iter_checked(bytes(data), 5, scan.end, 6)] == [6, 7]
+    with pytest.raises(RecordError):
+        list(iter_checked(bytes(data), 5, scan.end - 1, 0))
+    with pytest.raises(RecordError):
+        list(iter_checked(bytes(data), 4, scan.end, 0))
+
+
+async def damaged_logs(root: Path) -> list[Path]:
+    """Log directories of several segments each: clean, a flipped bit in the newest half
+    of the segments (which the child checks), and a torn newest segment."""
+    clean = root / "clean"
+    wal, _ = Wal.open(clean, fsync="off", segment_size=1024, preallocate=False)
+    for _ in range(80):
+        wal.append(body(wal.next_lsn))
+        await wal.commit()
+    await wal.close()
+    names = sorted(p.name for p in clean.iterdir() if p.suffix == ".log")
+    assert len(names) >= 4
+    flipped, torn = root / "flipped", root / "torn"
+    for target in (flipped, torn):
+        target.mkdir()
+        for name in names:
+            (target / name).write_bytes((clean / name).read_bytes())
+    middle = flipped / names[-2]
+    data = bytearray(middle.read_bytes())
+    data[SEGMENT_HEADER_SIZE + 30] ^= 0x02
+    middle.write_bytes(bytes(data))
+    newest = torn / names[-1]
+    newest.write_bytes(newest.read_bytes()[:-7])
+    return [clean, flipped, torn]
+
+
+class ChildSpy:
+    """Counts the children `scan_directory` starts."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started = 0
+        real = recovery._ChildCheck
+
+        def spy(segments: list[tuple[int, Path, bytes]]) -> recovery._ChildCheck:
+            check = real(segments)
+            self.started += 1 if check._pid else 0
+            return check
+
+        monkeypatch.setattr(recovery, "_ChildCheck", spy)
+
+
+def scan_both_ways(directory: Path) -> tuple[list[Any], list[Any]]:
+    files = OsFiles()
+    here = recovery.scan_directory(files, directory, 1 << 30, fork_bytes=1 << 62)
+    forked = recovery.scan_directory(files, directory, 1 << 30, fork_bytes=0)
+    return here, forked
+
+
+async def test_a_child_checking_half_finds_what_checking_here_finds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = ChildSpy(monkeypatch)
+    for directory in await damaged_logs(tmp_path):
+        here, forked = scan_both_ways(directory)
+        assert forked == here
+        assert all(s.data is not None for s in forked)
+    assert recovery.first_problem(here) is not None  # the torn log
+    if recovery._cores() > 1:
+        assert spy.started == 3
+
+
+async def test_no_fork_means_checking_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_fork() -> int:
+        raise OSError("no fork today")
+
+    directories = await damaged_logs(tmp_path)
+    monkeypatch.setattr(recovery.os, "fork", no_fork)
+    for directory in directories:
+        here, forked = scan_both_ways(directory)
+        assert forked == here
+
+
+async def test_a_child_that_dies_means_checking_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def dies(segments: object, pipe: int) -> None:
+        os._exit(3)
+
+    directories = await damaged_logs(tmp_path)
+    monkeypatch.setattr(recovery, "_child_main", dies)
+    for directory in directories:
+        here, forked = scan_both_ways(directory)
+        assert forked == here
+
+
+def test_halfway_splits_by_bytes() -> None:
+    def segments(*sizes: int) -> list[tuple[int, Path, bytes]]:
+        return [(i, Path(str(i)), bytes(size)) for i, size in enumerate(sizes)]
+
+    assert recovery._halfway(segments(10, 10)) == 1
+    assert recovery._halfway(segments(10, 10, 10, 10)) == 2
+    assert recovery._halfway(segments(100, 1, 1)) == 1
+    assert recovery._halfway(segments(1, 1, 100)) == 2
+
+
+def packed(broker: Broker) -> bytes:
+    data: bytes = msgpack.packb(state.dump(broker), use_bin_type=True)
+    return data
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_load_packed_builds_what_load_builds(data: st.DataObject) -> None:
+    live = run_workload(data)
+    body = packed(live)
+    image = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    whole = state.load(image, LIMITS)
+    streamed = state.load_packed(memoryview(body), LIMITS)
+    assert observable(streamed) == observable(whole) == observable(live)
+    assert streamed.next_deadline() == whole.next_deadline() == live.next_deadline()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        msgpack.packb([state.FORMAT, 0, {}, []]) + b"\x00",
+        msgpack.packb([state.FORMAT, 0, {}, []])[:-1],
+        msgpack.packb([state.FORMAT + 1, 0, {}, []]),
+        msgpack.packb([state.FORMAT, 0, {}]),
+        msgpack.packb({"format": state.FORMAT}),
+        msgpack.packb([state.FORMAT, 0, {}, [["p", 0.0, True]]]),
+        b"",
+    ],
+    ids=["trailing bytes", "truncated", "other format", "3 fields", "a map", "short", "empty"],
+)
+def test_load_packed_refuses_what_is_not_one_state(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        state.load_packed(body, LIMITS, name="snap-x")
+
+
+def test_load_packed_of_an_empty_broker() -> None:
+    empty = Broker(LIMITS)
+    assert observable(state.load_packed(packed(empty), LIMITS)) == observable(empty)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_replay_and_snapshot_load_leave_no_cyclic_garbage(data: st.DataObject) -> None:
+    """What lets `persist.recover` freeze without collecting first (see its comment)."""
+    live = run_workload(data)
+    log = [msgpack.packb(records.to_wire(r), use_bin_type=True) for r in live.outbox]
+    gc.collect()
+    gc.disable()
+    try:
+        replayed = Broker(LIMITS)
+        for wire in log:
+            replayed.apply(records.from_wire(msgpack.unpackb(wire, strict_map_key=False)))
+        restored = state.load_packed(packed(replayed), LIMITS)
+        garbage = gc.collect()
+    finally:
+        gc.enable()
+    assert garbage == 0
+    assert observable(restored) == observable(replayed) == observable(live)
+
+
+async def test_recover_counts_the_records_after_the_snapshot() -> None:
+    fs = MemoryFiles()
+    live = Broker(LIMITS)
+    wal = open_wal(fs)
+    for n in range(30):
+        live.submit(f"p{n}", [_command()], [f"c{n}"], float(n))
+    for rec in live.outbox:
+        wal.append(msgpack.packb(records.to_wire(rec), use_bin_type=True))
+    snapshot_at = Broker(LIMITS)
+    for rec in live.outbox[:12]:
+        snapshot_at.apply(rec)
+    await wal.write_snapshot(12, packed(snapshot_at))
+    await wal.close()
+    wal = open_wal(fs)
+    recovered, report = persist.recover(wal, LIMITS, None, 100.0)
+    assert (report.snapshot_lsn, report.records) == (12, 18)
+    assert observable(recovered) == observable(live)
+    await wal.close()
+
+
+def _command() -> Any:
+    from spinbroker.core import NewCommand
+
+    return NewCommand("r", "run", {"n": 1}, [])
+
+
+def test_segment_names_used_here_are_the_logs() -> None:
+    assert segment_name(1) == "wal-0000000000000001.log"
