@@ -117,6 +117,9 @@ def decode_parameters(packed: bytes) -> dict[str, Any]:
     return params
 
 
+_new = object.__new__
+
+
 class Command:
     __slots__ = (
         "action",
@@ -691,9 +694,38 @@ class Broker:
 
     def _apply_submitted(self, rec: PackageSubmitted) -> None:
         # Enqueued at once: no TTL to watch.
+        specs = rec.commands
+        if len(specs) == 1 and not specs[0].dependencies:
+            self._apply_submitted_one(rec.package, specs[0], rec.at)
+            return
         self.packages[rec.package] = Package(rec.package, rec.at)
-        self._apply_added(rec.package, rec.commands)
+        self._apply_added(rec.package, specs)
         self._apply_enqueued(rec.package)
+
+    def _apply_submitted_one(self, package_id: str, spec: CommandSpec, at: float) -> None:
+        """The common SUBMIT (one command, no dependencies) in one step: ready at once."""
+        pkg = _new(Package)
+        pkg.id, pkg.created_at, pkg.cancelled_any, pkg.unsettled = package_id, at, False, 1
+        pkg.enqueued, pkg.cancel_requested, pkg.expired = True, False, False
+        pkg.finished_at = pkg.causer = pkg.reason = None
+        q = self.queues.get(spec.resource)
+        if q is None:
+            q = self.queue(spec.resource)
+        cmd = _new(Command)
+        cmd.id, cmd.package, cmd.queue, cmd.action = spec.id, pkg, q, spec.action
+        cmd.parameters, cmd.dependencies = spec.parameters, spec.dependencies
+        cmd.reason = cmd.causer = cmd.dependents = None
+        cmd.lease_owner = cmd.lease_deadline = cmd.ttr = None
+        cmd.delivery = cmd.unmet = 0
+        cmd.order = order = self.next_order
+        self.next_order = order + 1
+        cmd.state = READY
+        pkg.commands = [cmd]
+        self.packages[package_id] = pkg
+        self.commands[spec.id] = cmd
+        q.ready += 1
+        heapq.heappush(q.ready_heap, (order, cmd))
+        self._dirty.add(q)
 
     def _apply_created(self, rec: PackageCreated) -> None:
         self.packages[rec.package] = Package(rec.package, rec.at)

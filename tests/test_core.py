@@ -1179,3 +1179,31 @@ def test_tick_always_makes_progress() -> None:
     # the open packages expired and were forgotten; the submitted ones wait for agents
     assert h.b.stats()["totals"]["packages"] == 5
     assert h.b.stats()["totals"]["ready"] == 5
+
+
+def _slots(obj: object) -> dict[str, object]:
+    """Every slot of `obj` (an unset slot raises: a fast path that forgot one fails here)."""
+    return {name: getattr(obj, name) for name in type(obj).__slots__}
+
+
+def test_the_one_command_submit_fast_path_builds_what_the_general_path_builds() -> None:
+    """`_apply_submitted_one` builds the Package and Command of a one-command SUBMIT slot by
+    slot (replay speed); a two-step NEW + ADD + ENQUEUE of the same command goes through the
+    constructors. Every slot must agree, so a slot added later cannot be forgotten there."""
+    fast, general = Harness(), Harness()
+    pid, _ = fast.submit(nc("r", "a", {"k": 1}))
+    gpid = general.new()
+    general.add(gpid, nc("r", "a", {"k": 1}))
+    general.b.enqueue(gpid, general.now)
+    f_pkg, g_pkg = fast.b.packages[pid], general.b.packages[gpid]
+    f_cmd, g_cmd = f_pkg.commands[0], g_pkg.commands[0]
+    f_slots, g_slots = _slots(f_cmd), _slots(g_cmd)
+    for differs in ("id", "package", "queue"):  # ids differ; the others are checked below
+        f_slots.pop(differs), g_slots.pop(differs)
+    assert f_slots == g_slots
+    assert f_cmd.queue.name == g_cmd.queue.name and f_cmd.package is f_pkg
+    fp, gp = _slots(f_pkg), _slots(g_pkg)
+    for differs in ("id", "commands"):
+        fp.pop(differs), gp.pop(differs)
+    assert fp == gp
+    assert (f_cmd.queue.ready, len(f_cmd.queue.ready_heap)) == (1, 1)
