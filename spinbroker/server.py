@@ -258,6 +258,8 @@ class Server:
         self._packer = msgpack.Packer(use_bin_type=True)
         #: A commit is in flight (its callback requests the next one if needed).
         self._committing = False
+        #: A commit is requested for the end of this loop pass.
+        self._commit_soon = False
         self._commit_retry: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         #: While the log fails: since when, and when that was last logged (monotonic).
@@ -463,8 +465,12 @@ class Server:
             assert self.wal is not None
             if self.wal.write_now() >= self.appended_lsn:
                 self._made_durable(self.appended_lsn)  # `off`/`batch`: written in this pass
-            else:
-                self._request_commit()
+            elif not self._commit_soon:
+                # Not at once: the other connections whose data arrived in this loop pass
+                # are handled before the call_soon callback, so their records share the
+                # flush (unpipelined x16 produce: +20%; a lone client pays one loop hop).
+                self._commit_soon = True
+                self.loop.call_soon(self._request_commit)
         if core.deliveries:
             deliveries, core.deliveries = core.deliveries, []
             ready_need = self.ready_lsns.need
@@ -514,6 +520,7 @@ class Server:
     def _request_commit(self) -> None:
         """Group commit: one commit in flight at a time; every record appended meanwhile
         goes out with the next one, which the callback of this one requests."""
+        self._commit_soon = False
         if self._committing or self._commit_retry is not None or self._stopping:
             return
         assert self.wal is not None
