@@ -954,6 +954,27 @@ async def two_ready(brokers: Brokers, deps: bool = False) -> tuple[Server, Memor
     return server, fs, ids
 
 
+async def lease_first_then_gate(
+    brokers: Brokers, deps: bool = False
+) -> tuple[Server, MemoryFiles, Client, Gate, list[str]]:
+    """`two_ready`, with an agent holding the first command and the next fdatasync held
+    at a gate."""
+    server, fs, ids = await two_ready(brokers, deps)
+    agent = await brokers.client(server)
+    got = await agent.next("r", timeout=0)
+    assert got is not None and got.id == ids[0]
+    gate = Gate()
+    fs.hooks["datasync"] = gate
+    return server, fs, agent, gate, ids
+
+
+async def restart_on(brokers: Brokers, server: Server, disk: MemoryFiles) -> Client:
+    """Stop `server` (its disk already lost power) and start it again on `disk`."""
+    await brokers.close_clients()
+    await server.stop()
+    return await brokers.client(await brokers.start(server.config, files=disk))
+
+
 async def test_next_does_not_wait_for_an_unrelated_fsync(brokers: Brokers) -> None:
     """A NEXT reveals one command: it waits for what made that command deliverable (here
     long durable), not for another producer's SUBMIT stuck in its fsync. STATS, which
@@ -979,12 +1000,7 @@ async def test_an_agent_may_pipeline_complete_with_next(brokers: Brokers) -> Non
     completion is still being synced, and the completion's own reply waits for its sync.
     If the power goes before that, the completion was never acknowledged and is lost (the
     command is delivered again); the command leased meanwhile is ready again."""
-    server, fs, (a, b) = await two_ready(brokers)
-    agent = await brokers.client(server)
-    got = await agent.next("r", timeout=0)
-    assert got is not None and got.id == a
-    gate = Gate()
-    fs.hooks["datasync"] = gate
+    server, fs, agent, gate, (a, b) = await lease_first_then_gate(brokers)
     complete = asyncio.ensure_future(agent.complete(a, True, delivery=1))
     take = asyncio.ensure_future(agent.next("r", timeout=5))
     await gate.wait_entered()
@@ -994,10 +1010,7 @@ async def test_an_agent_may_pipeline_complete_with_next(brokers: Brokers) -> Non
     after = fs.crash()
     gate.released.set()
     assert await refused(complete)
-    await brokers.close_clients()
-    await server.stop()
-    server = await brokers.start(server.config, files=after)
-    c = await brokers.client(server)
+    c = await restart_on(brokers, server, after)
     assert [(await command_status(c, x)).state for x in (a, b)] == ["ready", "ready"]
 
 
@@ -1006,12 +1019,7 @@ async def test_next_waits_for_the_completion_that_made_its_command_ready(
 ) -> None:
     """b depends on a: a NEXT that would deliver b must wait until a's completion is
     durable. The power goes first: neither is acknowledged, and b was never delivered."""
-    server, fs, (a, b) = await two_ready(brokers, deps=True)
-    agent = await brokers.client(server)
-    got = await agent.next("r", timeout=0)
-    assert got is not None and got.id == a
-    gate = Gate()
-    fs.hooks["datasync"] = gate
+    server, fs, agent, gate, (a, b) = await lease_first_then_gate(brokers, deps=True)
     complete = asyncio.ensure_future(agent.complete(a, True, delivery=1))
     await gate.wait_entered()
     take = asyncio.ensure_future(agent.next("r", timeout=5))
@@ -1021,10 +1029,7 @@ async def test_next_waits_for_the_completion_that_made_its_command_ready(
     gate.released.set()
     assert await refused(complete)
     assert await refused(take)
-    await brokers.close_clients()
-    await server.stop()
-    server = await brokers.start(server.config, files=after)
-    c = await brokers.client(server)
+    c = await restart_on(brokers, server, after)
     assert [(await command_status(c, x)).state for x in (a, b)] == ["ready", "waiting"]
 
 
