@@ -8,14 +8,16 @@ One `spinbroker serve` process at a time on one data dir, in its own process gro
 takes any snapshot child with it, as a machine crash would). Producers SUBMIT packages (some
 built with NEW, ADD, ENQUEUE, resumed across restarts), with dependencies inside the package
 and on earlier commands; consumers take and complete them, some with COMPLETE + NEXT in one
-round trip; a killer SIGKILLs the broker after a random delay and starts it again on the same
-data dir. Small --snapshot-every/--snapshot-interval make recovery load a snapshot and replay
-the log after it. Then the clients drain everything, and the history they recorded is checked:
+request, some with COMPLETE and NEXT pipelined; a killer SIGKILLs the broker after a random
+delay and starts it again on the same data dir. Small --snapshot-every/--snapshot-interval
+make recovery load a snapshot and replay the log after it. Then the clients drain
+everything, and the history they recorded is checked:
 
 * every acknowledged SUBMIT / ENQUEUE is there with its commands, and finishes;
 * every acknowledged COMPLETE kept its outcome, and its command was never delivered again;
 * no command was delivered before its dependencies succeeded (the NEXT reply waits for the
-  records before the lease: a delivered command's dependencies succeeded durably);
+  record that made its command ready: a delivered command's dependencies succeeded
+  durably, even when the completion that readied it was pipelined with that NEXT);
 * delivery counts: +1 per delivery within one broker life; across a crash the next delivery
   has a count at least the last one seen (the lease record is not synced before the NEXT
   reply, so it may repeat), and higher if a later reply proved that lease durable;
@@ -58,6 +60,9 @@ from spinbroker.client import (
     PackageStatus,
 )
 
+#: How a consumer completes: COMPLETE then NEXT, COMPLETE with `next` (one request), or
+#: COMPLETE and NEXT written together (two requests, replies in either order).
+STYLES = ("serial", "combined", "pipelined")
 ORDERED = "ordered"
 WORK = ("work-a", "work-b")
 #: Seconds between the broker being ready and the SIGKILL (the test's random input).
@@ -420,13 +425,13 @@ class Run:
 
     # ----- consumers
 
-    async def consumer(self, resource: str, ttr: float | None, combined: bool) -> None:
+    async def consumer(self, resource: str, ttr: float | None, style: str) -> None:
         rng = random.Random(self.rng.random())
         epoch = 0
         while not self.done:
             client, epoch = await self.connect(epoch + 1)
             try:
-                await self.consume(client, epoch, resource, ttr, combined, rng)
+                await self.consume(client, epoch, resource, ttr, style, rng)
             except ConnectionError:
                 pass
             except ClientError as exc:
@@ -440,9 +445,11 @@ class Run:
         epoch: int,
         resource: str,
         ttr: float | None,
-        combined: bool,
+        style: str,
         rng: random.Random,
     ) -> None:
+        """Take, work, complete; `style` (STYLES) says how the completion and the next take
+        go out."""
         h = self.h
         got: DeliveredCommand | None = None
         while not self.done:
@@ -463,7 +470,16 @@ class Run:
                 reason = None if success else "failed on purpose"
                 if success:
                     h.success_sent.setdefault(d.command, h.tick())
-                if combined and not self.done:
+                if style == "pipelined" and not self.done:
+                    # COMPLETE and NEXT written together: the NEXT may answer first (it does
+                    # not wait for the completion's fsync unless its command depends on it).
+                    state, got = await asyncio.gather(
+                        client.complete(d.command, success, reason, d.number),
+                        client.next(resource, timeout=0.3, ttr=ttr),
+                    )
+                    h.completed(d, state, epoch)
+                    continue
+                if style == "combined" and not self.done:
                     got = await client.complete_and_next(
                         d.command,
                         success,
@@ -535,10 +551,12 @@ class Run:
         producers = [asyncio.create_task(self.producer(p)) for p in range(3)]
         # One consumer on ORDERED (so its deliveries are in the broker's order), two with
         # different lease kinds and completion styles on each WORK resource.
-        consumers = [asyncio.create_task(self.consumer(ORDERED, None, self.rng.random() < 0.5))]
+        style = self.rng.choice(STYLES)
+        consumers = [asyncio.create_task(self.consumer(ORDERED, None, style))]
         for resource in WORK:
-            consumers.append(asyncio.create_task(self.consumer(resource, 60.0, False)))
-            consumers.append(asyncio.create_task(self.consumer(resource, None, True)))
+            consumers.append(asyncio.create_task(self.consumer(resource, 60.0, "serial")))
+            consumers.append(asyncio.create_task(self.consumer(resource, None, "combined")))
+            consumers.append(asyncio.create_task(self.consumer(resource, None, "pipelined")))
         try:
             await self.killer()
             self.stopping = True
