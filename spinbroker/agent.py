@@ -344,7 +344,13 @@ class Agent:
         stop: asyncio.Event | None = None,
         connect: Connector | None = None,
     ) -> None:
-        """Serves commands until `stop` is set, then returns once the current one is done.
+        """Serves commands until `stop` is set, then returns once the current one is done
+        and its completion delivered.
+
+        A command's COMPLETE goes out while the agent already asks for the next one (NEXT
+        does not wait for the completion's fsync at the broker), so the agent's work and the
+        broker's fsyncs overlap. At most one completion is in flight: the next one waits
+        for it, and so does the return.
 
         `connect` makes a connection (tests pass a fake); by default `Client.connect(address)`.
         """
@@ -354,6 +360,7 @@ class Agent:
             connect = functools.partial(_connect_client, address)
         stopping = stop or asyncio.Event()
         self._link = _Link(connect, self._backoff())
+        reporting: asyncio.Future[None] | None = None
         try:
             while not stopping.is_set():
                 client = await self._connected(stopping)
@@ -363,9 +370,15 @@ class Agent:
                 if command is None:
                     continue
                 report = await self._run_command(command)
-                await self._report(report, stopping)
+                if reporting is not None:
+                    await reporting
+                reporting = asyncio.ensure_future(self._report(report, stopping))
         finally:
+            if reporting is not None:
+                await asyncio.wait({reporting})  # _report bounds itself after a stop
             await self._drop()
+        if reporting is not None:
+            reporting.result()  # a report that failed fails the run, as when it was awaited
         log.info("%s agent stopped", self.resource)
 
     async def _connected(self, stop: asyncio.Event | None) -> AgentClient | None:

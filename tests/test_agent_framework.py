@@ -214,6 +214,9 @@ class FakeBroker:
         self.completions: list[tuple[str, bool, str | None, int | None]] = []
         self.lose_completions = 0
         self.refuse_completions: ClientError | None = None
+        #: While cleared, COMPLETE does not answer (a broker still syncing it).
+        self.completions_answer = asyncio.Event()
+        self.completions_answer.set()
         self.changed = asyncio.Condition()
 
     async def connect(self) -> FakeClient:
@@ -311,6 +314,7 @@ class FakeClient:
             error, self.broker.refuse_completions = self.broker.refuse_completions, None
             raise error
         await self.broker.record(self.broker.completions, (command, success, reason, delivery))
+        await self.broker.completions_answer.wait()
         return "succeeded" if success else "failed"
 
 
@@ -557,3 +561,25 @@ async def test_stop_while_the_broker_is_unreachable() -> None:
 async def test_run_needs_an_address_or_a_connect_function() -> None:
     with pytest.raises(ValueError, match="address"):
         await work_agent().run()
+
+
+async def test_the_next_command_is_asked_for_while_a_completion_is_unanswered() -> None:
+    """COMPLETE goes out and the agent asks for (and runs) the next command before the
+    broker answers it; but it never has two completions unanswered, and it does not return
+    before the last one is answered."""
+    h = Harness(work_agent())
+    h.broker.completions_answer.clear()
+    h.start()
+    for i in (1, 2, 3):
+        await h.broker.commands.put(command(i, n=i))
+    await h.broker.until(lambda: len(h.broker.completions) == 1 and len(h.broker.nexts) == 2)
+    await asyncio.sleep(0.01)  # c2 runs and is done; nothing more may happen meanwhile
+    assert h.broker.commands.qsize() == 1  # c2 was taken while c1 was unanswered
+    assert [c[0] for c in h.broker.completions] == ["c1"]  # c2's waits for c1's answer
+    assert len(h.broker.nexts) == 2
+    h.stop.set()
+    await asyncio.sleep(0.01)
+    assert h.task is not None and not h.task.done()  # waits for the answers
+    h.broker.completions_answer.set()
+    await h.finish()
+    assert [c[0] for c in h.broker.completions] == ["c1", "c2"]
