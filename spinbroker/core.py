@@ -696,24 +696,38 @@ class Broker:
         # Enqueued at once: no TTL to watch.
         specs = rec.commands
         if len(specs) == 1 and not specs[0].dependencies:
-            self._apply_submitted_one(rec.package, specs[0], rec.at)
+            spec = specs[0]
+            self.apply_submitted_one(
+                rec.package, spec.id, spec.resource, spec.action, spec.parameters, rec.at
+            )
             return
         self.packages[rec.package] = Package(rec.package, rec.at)
         self._apply_added(rec.package, specs)
         self._apply_enqueued(rec.package)
 
-    def _apply_submitted_one(self, package_id: str, spec: CommandSpec, at: float) -> None:
-        """The common SUBMIT (one command, no dependencies) in one step: ready at once."""
+    def apply_submitted_one(
+        self,
+        package_id: str,
+        command_id: str,
+        resource: str,
+        action: str,
+        parameters: bytes,
+        at: float,
+    ) -> None:
+        """Apply the commonest record, a `PackageSubmitted` of one command without
+        dependencies, in one step (ready at once), from its fields: replay hands them over
+        without building the record (persist.py)."""
+        self._now = at
         pkg = _new(Package)
         pkg.id, pkg.created_at, pkg.cancelled_any, pkg.unsettled = package_id, at, False, 1
         pkg.enqueued, pkg.cancel_requested, pkg.expired = True, False, False
         pkg.finished_at = pkg.causer = pkg.reason = None
-        q = self.queues.get(spec.resource)
+        q = self.queues.get(resource)
         if q is None:
-            q = self.queue(spec.resource)
+            q = self.queue(resource)
         cmd = _new(Command)
-        cmd.id, cmd.package, cmd.queue, cmd.action = spec.id, pkg, q, spec.action
-        cmd.parameters, cmd.dependencies = spec.parameters, spec.dependencies
+        cmd.id, cmd.package, cmd.queue, cmd.action = command_id, pkg, q, action
+        cmd.parameters, cmd.dependencies = parameters, ()
         cmd.reason = cmd.causer = cmd.dependents = None
         cmd.lease_owner = cmd.lease_deadline = cmd.ttr = None
         cmd.delivery = cmd.unmet = 0
@@ -722,7 +736,7 @@ class Broker:
         cmd.state = READY
         pkg.commands = [cmd]
         self.packages[package_id] = pkg
-        self.commands[spec.id] = cmd
+        self.commands[command_id] = cmd
         q.ready += 1
         heapq.heappush(q.ready_heap, (order, cmd))
         self._dirty.add(q)
