@@ -27,7 +27,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, cast
 
@@ -482,13 +482,9 @@ class Server:
                 self.loop.call_soon(self._request_commit)
         if core.deliveries:
             deliveries, core.deliveries = core.deliveries, []
-            ready_need = self.ready_lsns.need
             for waiter, cmd in deliveries:
-                # Whichever is lower: what made the command ready, or everything before its
-                # lease record (both are logged by now; both cover what it reveals).
-                need = base + waiter.lease_record
-                ready = ready_need(cmd, ()) if cmd.delivery == 1 else None
-                self._deliver(waiter, cmd, need if ready is None else min(need, ready))
+                # Both logged by now: the batch's records are appended above.
+                self._deliver(waiter, cmd, self._delivery_need(cmd, base + waiter.lease_record, ()))
         if core.finished:
             finished, core.finished = core.finished, []
             for pkg in finished:
@@ -610,6 +606,17 @@ class Server:
                 return  # logged; the next one is due after another interval
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _delivery_need(
+        self, cmd: Command, everything_before: int, unlogged: Collection[Command]
+    ) -> int:
+        """The LSN a reply delivering `cmd` waits for (see `_deliver`): what made it ready,
+        for a first delivery whose readiness is logged; else `everything_before`, the LSN
+        of the last record before its lease. Both cover what the reply reveals."""
+        if cmd.delivery != 1:
+            return everything_before
+        ready = self.ready_lsns.need(cmd, unlogged)
+        return everything_before if ready is None else min(everything_before, ready)
 
     def _deliver(self, waiter: Waiter, cmd: Command, need: int) -> None:
         """Answer a parked NEXT. A first delivery waits only for what made the command
@@ -770,12 +777,11 @@ class Server:
         block = timeout != 0
         cmd = self.core.next(resource, waiter, self.clock(), block)
         if cmd is not None:
-            # Not waiting for its own lease record nor unrelated ones: see `_deliver`.
             everything_before = self.appended_lsn + len(self.core.outbox) - 1
-            need = None
-            if not acknowledges and cmd.delivery == 1:
-                need = self.ready_lsns.need(cmd, self.core.readied)
-            conn.reply(req, "ok", cmd.delivered(), everything_before if need is None else need)
+            need = everything_before
+            if not acknowledges:
+                need = self._delivery_need(cmd, everything_before, self.core.readied)
+            conn.reply(req, "ok", cmd.delivered(), need)
             return
         if not block:
             conn.reply(req, "empty", None)
