@@ -1,11 +1,11 @@
 """The file layer: every byte the log reads or writes goes through `FileLayer`.
 
 Holds the small interface (`FileLayer`, `WalFile`), the real implementation over `os`
-(`OsFiles`), the two compositions every durable file needs (`write_file_durably`,
-`rename_durably`), and `ReadAhead`, which reads the files recovery will need next on a
-background thread. Tests swap in `memfiles.MemoryFiles` to simulate power loss and failing
-disks. Must never know about records, segments or LSNs, and must never swallow an OSError:
-deciding what a failure means is the caller's job.
+(`OsFiles`), the compositions every durable file needs (`write_file_durably`,
+`truncate_durably`, `rename_durably`), and `ReadAhead`, which reads the files recovery will
+need next on a background thread. Tests swap in `memfiles.MemoryFiles` to simulate power
+loss and failing disks. Must never know about records, segments or LSNs, and must never
+swallow an OSError: deciding what a failure means is the caller's job.
 """
 
 from __future__ import annotations
@@ -145,6 +145,16 @@ def write_file_durably(files: FileLayer, path: Path, data: bytes) -> None:
     handle = files.create(path)
     try:
         handle.pwrite(data, 0)
+        handle.sync()
+    finally:
+        handle.close()
+
+
+def truncate_durably(files: FileLayer, path: Path, size: int) -> None:
+    """Cut the existing file `path` to `size` bytes, synced."""
+    handle = files.open(path)
+    try:
+        handle.truncate(size)
         handle.sync()
     finally:
         handle.close()

@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import NoReturn
 
 from spinbroker.wal.errors import WalCorruption
-from spinbroker.wal.files import FileLayer, ReadAhead, rename_durably, write_file_durably
+from spinbroker.wal.files import (
+    FileLayer,
+    ReadAhead,
+    rename_durably,
+    truncate_durably,
+    write_file_durably,
+)
 from spinbroker.wal.frame import BadSegmentHeader, decode_segment_header
 from spinbroker.wal.reader import Damage, SegmentScan, scan_segment
 from spinbroker.wal.segment import TMP_SUFFIX, list_segments
@@ -323,12 +329,7 @@ def cut_tail(files: FileLayer, problem: Problem) -> TornTail:
     tmp = saved.with_name(saved.name + TMP_SUFFIX)
     write_file_durably(files, tmp, cut)
     rename_durably(files, tmp, saved)
-    handle = files.open(problem.file)
-    try:
-        handle.truncate(problem.offset)
-        handle.sync()
-    finally:
-        handle.close()
+    truncate_durably(files, problem.file, problem.offset)
     log.warning(
         "wal: torn tail cut: %s at offset %d, %d bytes dropped (kept in %s): %s",
         problem.file,

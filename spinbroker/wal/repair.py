@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spinbroker.wal.errors import WalCorruption
-from spinbroker.wal.files import FileLayer, OsFiles, write_file_durably
+from spinbroker.wal.files import FileLayer, OsFiles, truncate_durably, write_file_durably
 from spinbroker.wal.recovery import Problem, ScannedSegment, first_problem, scan_directory
 from spinbroker.wal.segment import SegmentList
 from spinbroker.wal.snapshot import BadSnapshot, choose_snapshot, list_snapshots, read_snapshot
@@ -157,12 +157,7 @@ def _truncate(
         backup = _backup(files, directory, report)
         write_file_durably(files, backup / damaged.path.name, files.read(damaged.path))
         files.sync_dir(backup)
-        handle = files.open(damaged.path)
-        try:
-            handle.truncate(problem.offset)
-            handle.sync()
-        finally:
-            handle.close()
+        truncate_durably(files, damaged.path, problem.offset)
         report.truncated.append((damaged.path, problem.offset))
         next_lsn = damaged.scan.next_lsn
     for later in segments[problem.index + 1 :]:
