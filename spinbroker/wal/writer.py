@@ -33,17 +33,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno as errnos
+import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from enum import StrEnum
-from typing import Protocol
 
 from spinbroker.wal.errors import WalClosed, WalWriteError
 from spinbroker.wal.frame import MAX_BODY, encode_record
 from spinbroker.wal.segment import SegmentWriter
 
 log = logging.getLogger("spinbroker.wal")
+
+#: How a commit waits: called once with None (acknowledged) or the failure (see on_commit).
+Resolve = Callable[[BaseException | None], None]
 
 RETRY_DELAY = 0.1
 
@@ -71,8 +74,8 @@ class GroupCommit:
         self._synced_lsn = next_lsn - 1
         self._acked_lsn = next_lsn - 1
         #: commit() callers: wait for the mode's acknowledgement, or for a sync.
-        self._waiters: list[tuple[int, _Waiter]] = []
-        self._sync_waiters: list[tuple[int, _Waiter]] = []
+        self._waiters: list[tuple[int, Resolve]] = []
+        self._sync_waiters: list[tuple[int, Resolve]] = []
         self._inflight: asyncio.Future[None] | None = None
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -122,7 +125,7 @@ class GroupCommit:
             self._start_flush()
         return self._acked_lsn
 
-    def on_commit(self, callback: Callable[[BaseException | None], None]) -> None:
+    def on_commit(self, callback: Resolve) -> None:
         """Call `callback(None)` once every record appended so far is acknowledged, or
         `callback(error)` if a flush fails first. It runs right where the flush is settled,
         not a loop pass later as a future's callbacks would, and the flush starts at once
@@ -135,7 +138,7 @@ class GroupCommit:
         elif self._closed:
             callback(WalClosed("commit on a closed log"))
         else:
-            (self._sync_waiters if sync else self._waiters).append((lsn, _Callback(callback)))
+            (self._sync_waiters if sync else self._waiters).append((lsn, callback))
             if self._inflight is None:
                 assert self._bind_loop() is not None, "on_commit() needs a running event loop"
                 self._start_flush()
@@ -153,7 +156,9 @@ class GroupCommit:
         loop = self._bind_loop()
         assert loop is not None
         future: asyncio.Future[None] = loop.create_future()
-        (self._sync_waiters if sync else self._waiters).append((lsn, future))
+        (self._sync_waiters if sync else self._waiters).append(
+            (lsn, functools.partial(_resolve, future))
+        )
         self._kick()
         await future
 
@@ -175,9 +180,8 @@ class GroupCommit:
         except Exception as exc:
             failure = exc
         self._settle(failure)
-        for _, future in (*self._waiters, *self._sync_waiters):
-            if not future.done():
-                future.set_exception(WalClosed("the log was closed"))
+        for _, resolve in (*self._waiters, *self._sync_waiters):
+            resolve(WalClosed("the log was closed"))
         try:
             await loop.run_in_executor(self._executor, self._writer.close)
         except OSError as exc:
@@ -316,46 +320,28 @@ def _call_soon_threadsafe(
         loop.call_soon_threadsafe(callback, job)
 
 
-class _Waiter(Protocol):
-    """What a commit waits with: an asyncio future, or a `_Callback`."""
-
-    def done(self) -> bool: ...
-    def set_result(self, result: None, /) -> None: ...
-    def set_exception(self, exception: BaseException, /) -> None: ...
-
-
-class _Callback:
-    """A waiter that calls a function rather than resolving a future (see `on_commit`)."""
-
-    __slots__ = ("_fn",)
-
-    def __init__(self, fn: Callable[[BaseException | None], None]) -> None:
-        self._fn = fn
-
-    def done(self) -> bool:
-        return False
-
-    def set_result(self, result: None, /) -> None:
-        self._fn(None)
-
-    def set_exception(self, exception: BaseException, /) -> None:
-        self._fn(exception)
+def _resolve(future: asyncio.Future[None], failure: BaseException | None) -> None:
+    """A commit() waiter: resolve its future, unless its caller gave up (cancelled)."""
+    if future.done():
+        return
+    if failure is None:
+        future.set_result(None)
+    else:
+        future.set_exception(failure)
 
 
 def _release(
-    waiters: list[tuple[int, _Waiter]], lsn: int, failure: BaseException | None
-) -> list[tuple[int, _Waiter]]:
+    waiters: list[tuple[int, Resolve]], lsn: int, failure: BaseException | None
+) -> list[tuple[int, Resolve]]:
     """Resolve the waiters up to `lsn`; fail all others if the flush failed. Returns the rest."""
     remaining = []
-    for target, future in waiters:
-        if future.done():
-            continue
+    for target, resolve in waiters:
         if target <= lsn:
-            future.set_result(None)
+            resolve(None)
         elif failure is not None:
-            future.set_exception(_write_error(failure))
+            resolve(_write_error(failure))
         else:
-            remaining.append((target, future))
+            remaining.append((target, resolve))
     return remaining
 
 
