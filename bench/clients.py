@@ -83,31 +83,17 @@ class SpinConn(Conn):
         self.packer = msgpack.Packer()
         self.unpacker = msgpack.Unpacker(raw=False)
         self.ids = 0
-        #: Pipelined COMPLETEs whose reply has not been read yet.
+        #: Pipelined requests whose reply has not been read yet (COMPLETEs sent with a
+        #: NEXT, a batch of SUBMITs).
         self.unacked: set[int] = set()
 
     def frame(self, verb: str, args: dict[str, Any]) -> bytes:
         self.ids += 1
         return bytes(self.packer.pack([self.ids, verb, args]))
 
-    async def replies(self, k: int) -> list[Any]:
-        """The next k reply bodies (None for `empty`); an `error` reply raises."""
-        out: list[Any] = []
-        while True:
-            for _id, kind, body in self.unpacker:
-                if kind == "error":
-                    raise RuntimeError(f"spinbroker error: {body}")
-                out.append(body)
-            if len(out) >= k:
-                return out
-            data = await self.r.read(1 << 16)
-            if not data:
-                raise ConnectionError("spinbroker closed the connection")
-            self.unpacker.feed(data)
-
     async def reply_to(self, rid: int | None) -> Any:
-        """The body of the reply to request `rid` (None: until no COMPLETE is unacked).
-        Replies to pipelined COMPLETEs read meanwhile are checked off; an error raises."""
+        """The body of the reply to request `rid` (None: until none is unacked). Replies
+        to the unacked requests read meanwhile are checked off; an error raises."""
         while rid is not None or self.unacked:
             for got, kind, body in self.unpacker:
                 if kind == "error":
@@ -136,9 +122,11 @@ class SpinConn(Conn):
         return cmd if deps is None else cmd | {"dependencies": deps}
 
     async def put_batch(self, datas: list[bytes]) -> None:
+        first = self.ids + 1
         frames = [self.frame("SUBMIT", {"commands": [self.command(d)]}) for d in datas]
+        self.unacked.update(range(first, self.ids + 1))
         self.w.write(b"".join(frames))
-        await self.replies(len(datas))
+        await self.reply_to(None)
 
     async def put_package(self, datas: list[bytes]) -> None:
         await self.request("SUBMIT", {"commands": [self.command(d) for d in datas]})
