@@ -24,7 +24,6 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import msgpack
 
@@ -143,6 +142,7 @@ def _replay(
     out with no gaps); returns the last LSN applied. Runs once per record of the log, so it
     does nothing per record beyond decoding and applying it."""
     apply, from_wire, unpackb = broker.apply, records.from_wire, msgpack.unpackb
+    one_command_submit = records.one_command_submit
     submitted_one = broker.apply_submitted_one
     report_at = loaded + PROGRESS_EVERY
     lsn = snapshot_lsn
@@ -150,10 +150,9 @@ def _replay(
         wire = unpackb(body, raw=False, strict_map_key=False, use_list=True)
         if not isinstance(wire, list):
             raise ValueError(f"record {lsn} is not a record: {wire!r}")
-        if _one_command_submit(wire):
-            # The commonest record, applied from its fields: no record object built.
-            command = wire[2][0]
-            submitted_one(wire[1], command[0], command[1], command[2], command[3], wire[3])
+        fields = one_command_submit(wire)
+        if fields is not None:  # the commonest record, applied without building it
+            submitted_one(*fields)
         else:
             apply(from_wire(wire))
         if not lsn & 0x3FFF and clock() >= report_at:
@@ -161,19 +160,6 @@ def _replay(
             done = lsn - snapshot_lsn
             log.info("recovery: replayed %d records (%.0f/s)", done, done / (clock() - loaded))
     return lsn
-
-
-def _one_command_submit(wire: list[Any]) -> bool:
-    """Whether `wire` is a `PackageSubmitted` of one command without dependencies, in the
-    shape `records.to_wire` makes (anything else goes through `records.from_wire`, which
-    checks it)."""
-    if len(wire) != 4 or wire[0] != "submitted":
-        return False
-    commands = wire[2]
-    if type(commands) is not list or len(commands) != 1:
-        return False
-    command = commands[0]
-    return type(command) is list and len(command) == 5 and command[4] == []
 
 
 class Snapshotter:

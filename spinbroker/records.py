@@ -233,6 +233,22 @@ _DECODERS: dict[str, Callable[[list[Any]], Record]] = {
 }
 
 
+def one_command_submit(w: list[Any]) -> tuple[str, str, str, str, bytes, float] | None:
+    """For a `PackageSubmitted` of one command without dependencies in the shape `to_wire`
+    makes, (package, command id, resource, action, parameters, at): what
+    `Broker.apply_submitted_one` takes, so that replay applies the commonest record without
+    building it. None for anything else (which `from_wire` decodes and checks)."""
+    if len(w) != 4 or w[0] != "submitted":
+        return None
+    commands = w[2]
+    if type(commands) is not list or len(commands) != 1:
+        return None
+    c = commands[0]
+    if type(c) is not list or len(c) != 5 or c[4] != []:
+        return None
+    return w[1], c[0], c[1], c[2], c[3], w[3]
+
+
 def from_wire(w: list[Any]) -> Record:
     """Inverse of `to_wire`; raises ValueError on an unknown tag or shape."""
     try:
