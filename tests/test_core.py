@@ -1187,7 +1187,7 @@ def _slots(obj: object) -> dict[str, object]:
 
 
 def test_the_one_command_submit_fast_path_builds_what_the_general_path_builds() -> None:
-    """`_apply_submitted_one` builds the Package and Command of a one-command SUBMIT slot by
+    """`apply_submitted_one` builds the Package and Command of a one-command SUBMIT slot by
     slot (replay speed); a two-step NEW + ADD + ENQUEUE of the same command goes through the
     constructors. Every slot must agree, so a slot added later cannot be forgotten there."""
     fast, general = Harness(), Harness()
