@@ -191,6 +191,7 @@ class Connection(asyncio.Protocol):
                 while at and held[at - 1][0] > need:
                     at -= 1
             held.insert(at, (need, data, req_id, verb))
+            server.holding.add(self)
         else:
             self.out.append(data)
         server.dirty.add(self)
@@ -199,6 +200,8 @@ class Connection(asyncio.Protocol):
         held = self.held
         while held and held[0][0] <= durable_lsn:
             self.out.append(held.popleft()[1])
+        if not held:
+            self.server.holding.discard(self)
 
     def fail_held(self, err: BrokerError) -> None:
         """The log could not make the held replies' records durable: none of them is an
@@ -207,6 +210,7 @@ class Connection(asyncio.Protocol):
         while self.held:
             _, _, req_id, verb = self.held.popleft()
             self.out.append(encode(req_id, verb, err))
+        self.server.holding.discard(self)
 
     def flush(self) -> None:
         if self.out and self.transport is not None and not self.transport.is_closing():
@@ -275,6 +279,9 @@ class Server:
         self._failure_logged = 0.0
         self.connections: dict[int, Connection] = {}
         self.dirty: set[Connection] = set()
+        #: The connections holding replies for the log (see Connection.held): what a commit
+        #: visits, however many connections sit idle.
+        self.holding: set[Connection] = set()
         self.appended_lsn = 0
         self.durable_lsn = 0
         #: Which record made each deliverable command deliverable (what a NEXT waits for).
@@ -453,11 +460,9 @@ class Server:
                 await self.snapshotter.take_inline(self.core, self.appended_lsn)
         except WalError as exc:
             log.error("could not flush the log at shutdown: %s", exc)
-            err = BrokerError(ErrorCode.STORAGE_FAILED, f"could not be made durable: {exc}")
-            for conn in self.connections.values():
-                conn.fail_held(err)
-                self.dirty.add(conn)
-            self._flush_dirty()
+            self._fail_held(
+                BrokerError(ErrorCode.STORAGE_FAILED, f"could not be made durable: {exc}")
+            )
         finally:
             with contextlib.suppress(WalError):
                 await self.wal.close()
@@ -575,9 +580,7 @@ class Server:
             self._request_commit()
 
     def _release_held(self) -> None:
-        for conn in self.connections.values():
-            if conn.held:
-                self.dirty.add(conn)
+        self.dirty.update(self.holding)
         self._flush_dirty()
 
     def _storage_failed(self, exc: WalWriteError) -> None:
@@ -587,11 +590,14 @@ class Server:
             self._failure_logged = now
         if self._failing_since is None:
             self._failing_since = now
-        err = BrokerError(ErrorCode.STORAGE_FAILED, f"the change could not be made durable: {exc}")
-        for conn in self.connections.values():
-            if conn.held:
-                conn.fail_held(err)
-                self.dirty.add(conn)
+        self._fail_held(
+            BrokerError(ErrorCode.STORAGE_FAILED, f"the change could not be made durable: {exc}")
+        )
+
+    def _fail_held(self, err: BrokerError) -> None:
+        for conn in list(self.holding):
+            conn.fail_held(err)
+            self.dirty.add(conn)
         self._flush_dirty()
 
     def _maybe_snapshot(self) -> None:
@@ -645,6 +651,7 @@ class Server:
     def disconnected(self, conn: Connection) -> None:
         self.connections.pop(conn.id, None)
         self.dirty.discard(conn)
+        self.holding.discard(conn)
         for blocked in list(conn.blocked):
             self._unblock(blocked)
         self.core.release_owner(conn.id, self.clock())

@@ -1121,3 +1121,48 @@ async def test_the_state_is_frozen_out_of_the_collectors_way_as_it_grows(
         assert [(await c.next("r", timeout=0)).id for _ in ids] == ids  # type: ignore[union-attr]
     finally:
         gc.unfreeze()  # give the test process its collector back
+
+
+def holding_is_exact(server: Server) -> bool:
+    """The connections a commit visits are exactly those holding replies."""
+    return server.holding == {c for c in server.connections.values() if c.held}
+
+
+async def test_a_commit_visits_only_the_connections_holding_replies(brokers: Brokers) -> None:
+    """A commit releases held replies by visiting `server.holding`, not every connection
+    (idle agents would make every fsync cost O(connections)): the set follows replies
+    being held, released, failed and dropped with their connection."""
+    fs = MemoryFiles()
+    server = await brokers.start(brokers.config(), files=fs)
+    idle = [await brokers.client(server) for _ in range(20)]
+    for c in idle:
+        await c.ping()
+    producer, leaver = [await brokers.client(server) for _ in range(2)]
+    assert server.holding == set() and holding_is_exact(server)
+
+    gate = Gate()
+    fs.hooks["datasync"] = gate
+    submit = asyncio.ensure_future(producer.submit(one()))
+    await gate.wait_entered()
+    lost = asyncio.ensure_future(leaver.submit(one()))
+    deadline = asyncio.get_running_loop().time() + 5
+    # No event says "the second request was handled": poll the server, bounded.
+    while len(server.holding) < 2:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.001)
+    assert holding_is_exact(server) and len(server.holding) == 2
+    await leaver.close()  # vanishes with its reply still held
+    with contextlib.suppress(Exception):
+        await lost
+    while len(server.connections) > 21:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.001)
+    assert holding_is_exact(server) and len(server.holding) == 1
+    gate.released.set()
+    await submit
+    assert server.holding == set() and holding_is_exact(server)
+
+    # A failed sync fails the held replies and empties the set too.
+    fs.fail("datasync", errno.EIO)
+    assert await refused(producer.submit(one()))
+    assert server.holding == set() and holding_is_exact(server)
