@@ -34,6 +34,48 @@ MAX_ID = (1 << 63) - 1
 _MSGPACK_FIRST_BYTES = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
 
 
+#: Replies of every connection are packed by this one Packer: a pack is synchronous and
+#: leaves it empty (it resets on a failure too), and a Packer per connection would cost each
+#: idle connection its buffer.
+_PACKER = msgpack.Packer(use_bin_type=True)
+
+
+class UnpackerPool:
+    """Unpackers lent to connections while they have bytes of an unfinished value.
+
+    A msgpack Unpacker costs ~45 KB (its parse stack is part of the object, plus its
+    buffer), so one held by every idle connection would make 10,000 parked agents cost
+    450 MB. A connection takes one when bytes arrive and gives it back once every byte fed
+    to it formed a whole value: an Unpacker in that state holds no bytes and no parse
+    state, as good as new. At most `keep` are kept (one that read a large value keeps its
+    grown buffer, so the bound matters)."""
+
+    def __init__(self, keep: int = 16) -> None:
+        self._keep = keep
+        self._free: dict[int, list[Any]] = {}
+
+    def take(self, max_frame: int) -> Any:
+        free = self._free.get(max_frame)
+        if free:
+            return free.pop()
+        return msgpack.Unpacker(
+            raw=False, strict_map_key=False, use_list=True, max_buffer_size=max_frame
+        )
+
+    def idle(self, max_frame: int) -> int:
+        """How many Unpackers for `max_frame` wait to be lent."""
+        return len(self._free.get(max_frame, ()))
+
+    def give(self, max_frame: int, unpacker: Any) -> None:
+        free = self._free.setdefault(max_frame, [])
+        if len(free) < self._keep:
+            free.append(unpacker)
+
+
+#: The pool of every ServerCodec in this process (all of them run on one event loop).
+UNPACKERS = UnpackerPool()
+
+
 class Mode(enum.Enum):
     MSGPACK = "msgpack"
     TEXT = "text"
@@ -121,7 +163,6 @@ class ServerCodec:
         "_frame_start",
         "_lines",
         "_max_frame",
-        "_packer",
         "_pending",
         "_skipping",
         "_unpacker",
@@ -135,12 +176,14 @@ class ServerCodec:
         self._max_frame = max_frame
         self._dead = False  # a fatal event was emitted: yield nothing more
         # msgpack mode. The Unpacker's buffer is bounded by max_frame, so bytes it cannot
-        # take yet wait in `_pending` (zero-copy views) until values are drained.
+        # take yet wait in `_pending` (zero-copy views) until values are drained. It is
+        # borrowed from UNPACKERS while bytes are buffered (None between requests).
         self._unpacker: Any = None
-        self._packer: Any = None
         self._pending: deque[memoryview] = deque()
-        self._fed = 0  # bytes fed to the Unpacker since the connection began
-        self._frame_start = 0  # stream offset where the first unfinished value starts
+        # Offsets in the borrowed Unpacker's stream (its tell()): bytes fed to it so far,
+        # and where the first unfinished value starts.
+        self._fed = 0
+        self._frame_start = 0
         # text mode: the unfinished line, and complete lines (or too_large) to parse.
         self._buf = bytearray()
         self._lines: list[bytearray | BadInput] = []
@@ -161,13 +204,6 @@ class ServerCodec:
     def _choose_mode(self, first: int) -> None:
         if first in _MSGPACK_FIRST_BYTES:
             self.mode = Mode.MSGPACK
-            self._unpacker = msgpack.Unpacker(
-                raw=False,
-                strict_map_key=False,
-                use_list=True,
-                max_buffer_size=self._max_frame,
-            )
-            self._packer = msgpack.Packer(use_bin_type=True)
         else:
             self.mode = Mode.TEXT
 
@@ -184,6 +220,9 @@ class ServerCodec:
     # msgpack mode ------------------------------------------------------------------
 
     def _receive_msgpack(self, data: bytes) -> None:
+        if self._unpacker is None:
+            self._unpacker = unpacker = UNPACKERS.take(self._max_frame)
+            self._fed = self._frame_start = unpacker.tell()
         room = self._max_frame - (self._fed - self._frame_start)
         if not self._pending and len(data) <= room:
             # The usual case: the chunk fits, the Unpacker copies it once.
@@ -218,6 +257,8 @@ class ServerCodec:
 
     def _msgpack_events(self) -> list[Request | BadInput]:
         events: list[Request | BadInput] = []
+        if self._unpacker is None:
+            return events  # no byte is buffered
         while True:
             self._drain(events)
             if self._dead:
@@ -235,6 +276,10 @@ class ServerCodec:
             if not self._pending:
                 break
             self._feed()
+        if self._fed == self._frame_start and not self._pending and not self._dead:
+            # Every byte fed formed a whole value: give the Unpacker back until more come.
+            UNPACKERS.give(self._max_frame, self._unpacker)
+            self._unpacker = None
         return events
 
     def _drain(self, events: list[Request | BadInput]) -> None:
@@ -335,7 +380,7 @@ class ServerCodec:
     def encode_reply(self, req: Request, kind: str, body: Any) -> bytes:
         """The reply to `req`: `kind` is "ok" (body: the verb's result) or "empty"."""
         if self.mode is Mode.MSGPACK:
-            packed: bytes = self._packer.pack([req.id, kind, body])
+            packed: bytes = _PACKER.pack([req.id, kind, body])
             return packed
         if self.mode is Mode.TEXT:
             return textmode.encode_reply(req.verb, kind, body)
@@ -343,7 +388,7 @@ class ServerCodec:
 
     def encode_error(self, req_id: int | None, verb: str | None, err: BrokerError) -> bytes:
         if self.mode is Mode.MSGPACK:
-            packed: bytes = self._packer.pack([req_id, "error", err.to_wire()])
+            packed: bytes = _PACKER.pack([req_id, "error", err.to_wire()])
             return packed
         if self.mode is Mode.TEXT:
             return textmode.encode_error(err)

@@ -11,7 +11,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spinbroker.codec import MAX_ID, TEXT_USAGE, BadInput, Mode, Request, ServerCodec
+from spinbroker.codec import (
+    MAX_ID,
+    TEXT_USAGE,
+    UNPACKERS,
+    BadInput,
+    Mode,
+    Request,
+    ServerCodec,
+)
 from spinbroker.errors import BrokerError, ErrorCode
 
 Event = Request | BadInput
@@ -255,6 +263,58 @@ def test_bytes_given_to_receive_data_may_be_reused_by_the_caller() -> None:
     codec.receive_data(memoryview(data))
     data[:] = b"\x00" * len(data)
     assert codec.next_events() == [Request(i, "PING", {}) for i in range(20)]
+
+
+# msgpack mode: Unpackers lent from a pool ---------------------------------------------
+
+
+def test_a_connection_between_requests_holds_no_unpacker() -> None:
+    """An Unpacker costs ~45 KB: a connection borrows one only while bytes of an
+    unfinished value are buffered (a max_frame no other test uses keeps this pool apart)."""
+    size = 4321
+    whole, part = pack([1, "PING"]), pack([2, "NEXT", {"resource": "r"}])
+    a, b, c = ServerCodec(size), ServerCodec(size), ServerCodec(size)
+    a.receive_data(whole)
+    assert a.next_events() == [Request(1, "PING", {})]
+    assert UNPACKERS.idle(size) == 1  # a gave its Unpacker back
+    b.receive_data(part[:5])
+    assert b.next_events() == []
+    assert UNPACKERS.idle(size) == 0  # b holds it: 5 bytes of a value
+    c.receive_data(whole)
+    assert c.next_events() == [Request(1, "PING", {})]
+    assert UNPACKERS.idle(size) == 1  # c made a second one and gave it back
+    b.receive_data(part[5:] + whole)
+    assert b.next_events() == [Request(2, "NEXT", {"resource": "r"}), Request(1, "PING", {})]
+    assert UNPACKERS.idle(size) == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cuts=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 40)), min_size=1, max_size=60),
+    max_frame=st.sampled_from([64, 1 << 20]),
+)
+def test_connections_reading_in_turns_each_get_their_own_requests(
+    cuts: list[tuple[int, int]], max_frame: int
+) -> None:
+    """Three connections whose bytes arrive in turns, cut anywhere: the Unpackers they
+    borrow and give back never mix their streams."""
+    streams = [
+        pack(*([k * 1000 + i, "NEXT", {"resource": "r" * (i % 5 + k)}] for i in range(12)))
+        for k in range(3)
+    ]
+    codecs = [ServerCodec(max_frame) for _ in range(3)]
+    got: list[list[Event]] = [[], [], []]
+    sent = [0, 0, 0]
+    for k, n in [*cuts, (0, 10**6), (1, 10**6), (2, 10**6)]:
+        chunk = streams[k][sent[k] : sent[k] + n]
+        sent[k] += len(chunk)
+        codecs[k].receive_data(chunk)
+        got[k] += codecs[k].next_events()
+    for k in range(3):
+        expected = [
+            Request(k * 1000 + i, "NEXT", {"resource": "r" * (i % 5 + k)}) for i in range(12)
+        ]
+        assert got[k] == expected
 
 
 # msgpack mode: replies ---------------------------------------------------------------
