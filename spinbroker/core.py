@@ -279,10 +279,13 @@ class Waiter:
 
 
 class ResourceQueue:
-    __slots__ = ("leased", "name", "ready", "ready_heap", "waiters", "waiting")
+    __slots__ = ("agents_only", "leased", "name", "ready", "ready_heap", "waiters", "waiting")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, agents_only: bool = False) -> None:
         self.name = name
+        #: Made by a blocking NEXT and never named by a command: it goes when its last
+        #: agent does (see `Broker.unpark`), so that names made up by agents cost nothing.
+        self.agents_only = agents_only
         #: (order, command) of ready commands, plus stale entries skipped on pop.
         self.ready_heap: list[tuple[int, Command]] = []
         self.ready = 0
@@ -374,9 +377,12 @@ class Broker:
         return cmd
 
     def queue(self, name: str) -> ResourceQueue:
+        """The queue of a command on resource `name`, made if missing (it stays: commands
+        refer to it until they are forgotten)."""
         q = self.queues.get(name)
         if q is None:
             q = self.queues[name] = ResourceQueue(name)
+        q.agents_only = False
         return q
 
     # ------------------------------------------------------------------ live: producers
@@ -522,7 +528,11 @@ class Broker:
         """NEXT: lease the first ready command of `resource` to `waiter`, or park the waiter
         (when `block`) behind the agents already waiting. Returns the leased command."""
         check_name("resource", resource)
-        q = self.queue(resource)
+        q = self.queues.get(resource)
+        if q is None:
+            if not block:
+                return None  # no command was ever queued here: nothing to make
+            q = self.queues[resource] = ResourceQueue(resource, agents_only=True)
         if not q.waiters:
             cmd = q.first_ready()
             if cmd is not None:
@@ -534,10 +544,14 @@ class Broker:
         return None
 
     def unpark(self, waiter: Waiter) -> None:
-        """A blocked NEXT timed out or its connection closed."""
-        if waiter.queue is not None:
-            waiter.queue.waiters.remove(waiter)
+        """A blocked NEXT timed out or its connection closed. A queue only agents ever
+        named goes with its last agent."""
+        q = waiter.queue
+        if q is not None:
+            q.waiters.remove(waiter)
             waiter.queue = None
+            if q.agents_only and not q.waiters:
+                del self.queues[q.name]
 
     def _lease(self, cmd: Command, waiter: Waiter, now: float) -> None:
         deadline = None if waiter.ttr is None else now + waiter.ttr
@@ -723,7 +737,7 @@ class Broker:
         pkg.enqueued, pkg.cancel_requested, pkg.expired = True, False, False
         pkg.finished_at = pkg.causer = pkg.reason = None
         q = self.queues.get(resource)
-        if q is None:
+        if q is None or q.agents_only:
             q = self.queue(resource)
         cmd = _new(Command)
         cmd.id, cmd.package, cmd.queue, cmd.action = command_id, pkg, q, action

@@ -268,6 +268,51 @@ def test_unparked_waiter_leaves_the_line() -> None:
     assert h.drain_deliveries() == [(w1.token, c0), (w3.token, c1)]
 
 
+def test_names_only_agents_use_cost_nothing_once_the_agents_leave() -> None:
+    """NEXT on a name no command has used makes no queue unless it parks, and the queue
+    it parks on goes with its last agent: agents cannot grow the broker by inventing
+    names (each NEXT with a timeout would otherwise leave a queue behind)."""
+    h = Harness()
+    for i in range(100):
+        assert h.next(f"typo-{i}") is None
+    assert h.b.queues == {}
+    w1, w2 = h.park("vm"), h.park("vm")
+    assert list(h.b.queues) == ["vm"]
+    h.b.unpark(w1)
+    assert list(h.b.queues) == ["vm"]  # w2 still waits there
+    h.b.unpark(w2)
+    assert h.b.queues == {}
+    # The name comes back like any other: a parked agent is served by a later command.
+    w3 = h.park("vm")
+    _, (c,) = h.submit(nc("vm"))
+    assert h.drain_deliveries() == [(w3.token, c)]
+
+
+def test_a_queue_an_agent_made_stays_once_a_command_uses_it() -> None:
+    """A command adopts the queue its agents park on, in every way a command can arrive
+    (SUBMIT, ADD then ENQUEUE): the queue then stays when its agents leave, as the
+    command's place in line must."""
+    h = Harness()
+    w1, w2 = h.park("a"), h.park("b")
+    h.submit(nc("x"), nc("a", deps=[0]))  # waits on x: w1 stays parked
+    pid = h.new()
+    (staged,) = h.add(pid, nc("b"))  # staged, not yet enqueued
+    h.b.unpark(w1)
+    h.b.unpark(w2)
+    assert sorted(h.b.queues) == ["a", "b", "x"]
+    h.b.enqueue(pid, h.now)
+    assert h.next_id("b") == staged
+    # The one-command SUBMIT (its own fast path) adopts it too: the command, served at
+    # once to the agent parked there, must be found again when its lease is lost.
+    w3 = h.park("c")
+    _, (c,) = h.submit(nc("c"))
+    assert h.drain_deliveries() == [(w3.token, c)]
+    h.b.unpark(w4 := h.park("c", owner=2))
+    assert w4.queue is None and "c" in h.b.queues
+    h.b.release_owner(1, h.now)
+    assert h.next_id("c") == c
+
+
 def test_dependency_success_serves_a_parked_waiter() -> None:
     h = Harness()
     _, (x, r) = h.submit(nc("x"), nc("r", deps=[0]))
