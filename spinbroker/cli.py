@@ -480,7 +480,26 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"packages {totals.get('packages', 0)}, commands {totals.get('commands', 0)}, "
         f"connections {stats.get('connections', 0)}"
     )
+    wal: dict[str, Any] | None = stats.get("log")
+    if wal:
+        lines.append(format_log_stats(wal))
     return "\n".join(lines)
+
+
+def format_log_stats(wal: dict[str, Any]) -> str:
+    """One line: how durable the log is and what its syncs and snapshots cost."""
+    syncs = wal.get("syncs", 0)
+    line = f"log: fsync {wal.get('fsync')}, lsn {wal.get('appended_lsn')}"
+    line += f" (durable {wal.get('durable_lsn')}), {syncs} syncs"
+    if syncs:
+        per_sync = wal.get("synced_records", 0) / syncs
+        mean_ms = wal.get("sync_seconds", 0.0) * 1000 / syncs
+        line += f" of {per_sync:.1f} records, {mean_ms:.2f} ms mean"
+        line += f", {wal.get('max_sync_ms', 0.0):.1f} ms max"
+    if "snapshots" in wal:
+        line += f"; {wal['snapshots']} snapshots (last at lsn {wal.get('snapshot_lsn')}"
+        line += f", fork {wal.get('snapshot_fork_ms', 0.0):.1f} ms)"
+    return line
 
 
 # --------------------------------------------------------------------------- client commands

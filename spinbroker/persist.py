@@ -171,6 +171,10 @@ class Snapshotter:
         self.last_at = time.monotonic()
         self.running: asyncio.Task[None] | None = None
         self.taken = 0
+        #: The last snapshot taken by a child: how long the loop paused for the fork, and
+        #: how long the whole snapshot took (seconds).
+        self.last_fork_s = 0.0
+        self.last_took_s = 0.0
 
     def due(self, lsn: int, every_records: int, every_seconds: float) -> bool:
         if self.running is not None or lsn <= self.last_lsn:
@@ -221,10 +225,11 @@ class Snapshotter:
             await self.wal.install_snapshot(lsn)
             self.last_lsn = lsn
             self.taken += 1
+            self.last_fork_s, self.last_took_s = forked, time.monotonic() - started
             log.info(
                 "snapshot at lsn %d in %.2fs (loop paused %.1f ms for the fork)",
                 lsn,
-                time.monotonic() - started,
+                self.last_took_s,
                 forked * 1000,
             )
         except Exception as exc:

@@ -855,7 +855,26 @@ class Server:
     def _stats(self, conn: Connection, req: Request) -> None:
         body = self.core.stats()
         body["connections"] = len(self.connections)
+        body["log"] = self._log_stats()
         conn.reply(req, "ok", body)
+
+    def _log_stats(self) -> dict[str, Any]:
+        """The log and snapshot section of STATS (protocol.md): for an operator to see
+        what durability costs (group size, sync times) and how far snapshots are."""
+        assert self.wal is not None
+        out: dict[str, Any] = {
+            "fsync": self.wal.fsync.value,
+            "appended_lsn": self.appended_lsn,
+            "durable_lsn": self.durable_lsn,
+        }
+        out.update(self.wal.stats())
+        snap = self.snapshotter
+        if snap is not None:
+            out["snapshots"] = snap.taken
+            out["snapshot_lsn"] = snap.last_lsn
+            out["snapshot_fork_ms"] = round(snap.last_fork_s * 1000, 3)
+            out["snapshot_seconds"] = round(snap.last_took_s, 3)
+        return out
 
 
 def _next_args(args: dict[str, Any]) -> tuple[str, float | None, float | None]:

@@ -393,6 +393,23 @@ def test_format_stats() -> None:
         "total           2        1        0        3",
         "packages 1, commands 3, connections 4",
     ]
+    stats["log"] = {
+        "fsync": "always",
+        "appended_lsn": 12,
+        "durable_lsn": 11,
+        "syncs": 4,
+        "synced_records": 10,
+        "sync_seconds": 0.002,
+        "max_sync_ms": 1.25,
+        "snapshots": 1,
+        "snapshot_lsn": 8,
+        "snapshot_fork_ms": 3.5,
+        "snapshot_seconds": 0.2,
+    }
+    assert format_stats(stats).splitlines()[-1] == (
+        "log: fsync always, lsn 12 (durable 11), 4 syncs of 2.5 records, 0.50 ms mean, "
+        "1.2 ms max; 1 snapshots (last at lsn 8, fork 3.5 ms)"
+    )
 
 
 # --------------------------------------------------------------------------- against a broker

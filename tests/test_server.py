@@ -236,6 +236,21 @@ async def test_agent_vanishing_while_blocked(raw: Connect) -> None:
     assert got["id"] == body["commands"][0] and got["delivery"] == 1
 
 
+async def test_stats_show_what_the_log_did(raw: Connect) -> None:
+    """STATS' log section: an acknowledged SUBMIT is durable, and with fsync always it
+    took one more fdatasync covering its record."""
+    c: RawMsgpack = await raw()
+    before = (await c.ok("STATS"))["log"]
+    assert before["fsync"] == "always" and before["durable_lsn"] == before["appended_lsn"]
+    await c.ok("SUBMIT", {"commands": [{"resource": "r", "action": "a"}]})
+    after = (await c.ok("STATS"))["log"]
+    assert after["appended_lsn"] == after["durable_lsn"] == before["appended_lsn"] + 1
+    assert after["syncs"] == before["syncs"] + 1
+    assert after["synced_records"] == before["synced_records"] + 1
+    assert after["sync_seconds"] >= before["sync_seconds"]
+    assert {"snapshots", "snapshot_lsn", "snapshot_fork_ms", "max_sync_ms"} <= set(after)
+
+
 async def test_cancel_and_wait(raw: Connect) -> None:
     c: RawMsgpack = await raw()
     body = await c.ok(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import threading
+import time
 from pathlib import Path
 
 from spinbroker.wal import Wal, WalWriteError
@@ -64,6 +65,36 @@ async def test_appends_during_a_flush_share_the_next_one() -> None:
     release.set()
     await asyncio.gather(first, *later)
     assert fs.calls["datasync"] - syncs == 2
+    await wal.close()
+
+
+async def test_stats_count_syncs_and_the_records_they_made_durable() -> None:
+    """STATS' log section: two flushes (one record, then 99 that waited behind it) are two
+    syncs covering 100 records; the slow one is the slowest."""
+    fs = MemoryFiles()
+    wal = open_wal(fs)
+    before = wal.stats()
+    assert (before["syncs"], before["synced_records"]) == (0, 0)
+    in_sync, release = threading.Event(), threading.Event()
+
+    def slow_disk(path: Path) -> None:
+        if not in_sync.is_set():
+            in_sync.set()
+            release.wait(10)
+
+    fs.hooks["datasync"] = slow_disk
+    wal.append(b"first")
+    first = asyncio.ensure_future(wal.commit())
+    await asyncio.to_thread(in_sync.wait, 10)
+    for i in range(99):
+        wal.append(b"later %d" % i)
+    later = asyncio.ensure_future(wal.commit())
+    await asyncio.to_thread(time.sleep, 0.05)  # the first sync is slow on purpose
+    release.set()
+    await asyncio.gather(first, later)
+    stats = wal.stats()
+    assert (stats["syncs"], stats["synced_records"]) == (2, 100)
+    assert 50 <= stats["max_sync_ms"] <= stats["sync_seconds"] * 1000
     await wal.close()
 
 

@@ -228,6 +228,10 @@ class Wal:
         """The last write failure, until a flush succeeds again (refuse new work while set)."""
         return self._group.error
 
+    def stats(self) -> dict[str, int | float]:
+        """Group commit's counters (see `GroupCommit.stats`)."""
+        return self._group.stats()
+
     def append(self, body: bytes) -> int:
         """Buffer one record and return its LSN. Cheap and synchronous; durable only once a
         later `commit()` returns. Must be called on the event-loop thread."""
