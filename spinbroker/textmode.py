@@ -41,6 +41,7 @@ TEXT_USAGE: dict[str, str] = {
     "TOUCH": "TOUCH <cmd> [ttr] [--delivery N]",
     "COMPLETE": "COMPLETE <cmd> true|false [--delivery N] [reason ...]",
     "CANCEL": "CANCEL <pkg>",
+    "ANNOUNCE": "ANNOUNCE <resource> <json schema>",
     "STATS": "STATS",
     "HELP": "HELP",
     "QUIT": "QUIT",
@@ -315,6 +316,16 @@ def _submit(cur: _Cursor) -> dict[str, Any]:
     return {"commands": tok.value}
 
 
+def _announce(cur: _Cursor) -> dict[str, Any]:
+    resource = _positional(cur.next(), "<resource>")
+    tok = cur.next()
+    if tok is None or not (tok.quoted and tok.key is None and isinstance(tok.value, dict)):
+        got = "nothing" if tok is None else repr(tok.text)
+        raise _bad(f"expected a JSON schema map, got {got}")
+    cur.end()
+    return {"resource": resource, "schema": tok.value}
+
+
 def _status(cur: _Cursor) -> dict[str, Any]:
     args: dict[str, Any] = {"id": _positional(cur.next(), "<id>"), "commands": False}
     while (tok := cur.next()) is not None:
@@ -388,6 +399,7 @@ _PARSERS: dict[str, Callable[[_Cursor], dict[str, Any]]] = {
     "TOUCH": _touch,
     "COMPLETE": _complete,
     "CANCEL": _package_only,
+    "ANNOUNCE": _announce,
     "STATS": _no_args,
     "HELP": _no_args,
     "QUIT": _no_args,

@@ -519,6 +519,11 @@ def test_text_json_values_may_hold_spaces_tabs_and_equals() -> None:
         ("SUBMIT", "SUBMIT", "expected a JSON list of commands, got nothing"),
         ('SUBMIT {"resource": "r"}', "SUBMIT", "expected a JSON list of commands"),
         ("SUBMIT [1, 2", "SUBMIT", "bad JSON at column"),
+        ("ANNOUNCE", "ANNOUNCE", "missing <resource>"),
+        ("ANNOUNCE r", "ANNOUNCE", "expected a JSON schema map, got nothing"),
+        ("ANNOUNCE r [1]", "ANNOUNCE", "expected a JSON schema map, got '[1]'"),
+        ('ANNOUNCE r {"schema": 1} x', "ANNOUNCE", "unexpected 'x'"),
+        ('ANNOUNCE {"schema": 1}', "ANNOUNCE", "expected <resource>"),
         ("STATUS", "STATUS", "missing <id>"),
         ("STATUS --commands", "STATUS", "got option '--commands'"),
         ("STATUS x --all", "STATUS", "unknown option '--all'"),
@@ -552,7 +557,7 @@ def test_text_bad_requests_say_what_was_expected(line: str, verb: str, fragment:
 
 def test_text_usage_covers_every_verb_consistently() -> None:
     verbs = ["HELLO", "PING", "NEW", "ADD", "ENQUEUE", "SUBMIT", "STATUS", "WAIT", "NEXT"]
-    verbs += ["TOUCH", "COMPLETE", "CANCEL", "STATS", "HELP", "QUIT"]
+    verbs += ["TOUCH", "COMPLETE", "CANCEL", "ANNOUNCE", "STATS", "HELP", "QUIT"]
     assert list(TEXT_USAGE) == verbs
     for verb, usage in TEXT_USAGE.items():
         assert usage.startswith(verb)
@@ -849,6 +854,12 @@ def text_requests(draw: st.DrawFn) -> tuple[list[str], Request]:
             "commands": draw(st.lists(st.dictionaries(keys, json_values, max_size=3), max_size=3))
         }
         tokens = [json.dumps(args["commands"], ensure_ascii=False)]
+    elif verb == "ANNOUNCE":
+        args = {
+            "resource": draw(words),
+            "schema": draw(st.dictionaries(keys, json_values, max_size=3)),
+        }
+        tokens = [args["resource"], json.dumps(args["schema"], ensure_ascii=False)]
     elif verb == "STATUS":
         args = {"id": draw(words), "commands": draw(st.booleans())}
         tokens = [args["id"], *(["--commands"] if args["commands"] else [])]

@@ -404,6 +404,22 @@ async def test_announced_schema_refuses_bad_commands_at_add(raw: Connect) -> Non
     assert bad[1] == "error" and bad[2]["code"] == "bad_request"
 
 
+async def test_a_person_announces_a_schema_in_text_mode(text: Connect) -> None:
+    """ANNOUNCE is a text-mode verb too: the schema is one JSON map on the line, and it
+    holds for commands added in either mode."""
+    c: TextClient = await text()
+    schema = '{"schema": 1, "actions": {"ping": {"parameters": {"host": {"type": "str"}}}}}'
+    assert await c.ok_json(f"ANNOUNCE net {schema}") == {"resource": "net"}
+    assert (await c.say('SUBMIT [{"resource": "net", "action": "reboot"}]')).startswith(
+        "ERR invalid_command "
+    )
+    body = await c.ok_json(
+        'SUBMIT [{"resource": "net", "action": "ping", "parameters": {"host": "h"}}]'
+    )
+    assert len(body["commands"]) == 1
+    assert (await c.say('ANNOUNCE net {"schema": 99}')).startswith("ERR bad_request ")
+
+
 async def test_complete_with_next_is_one_round_trip(raw: Connect) -> None:
     producer: RawMsgpack = await raw()
     body = await producer.ok(
