@@ -16,7 +16,9 @@ isolates the servers. Every connection offers:
                          acknowledgement's reply is read when it comes (spinbroker may answer
                          the take first: its acknowledgement waits for an fsync, its take
                          does not); `settle()` waits for the ones still due
-  ping()                 the cheapest round trip (spinbroker only: the stall probe)
+  ping()                 the cheapest harmless round trip (spinbroker PING, beanstalkd
+                         list-tube-used, Redis PING): the stall probe, and the one request
+                         each idle connection makes so that the server sets it up
 
 `acked_at` is the time the last acknowledgement's reply was read.
 """
@@ -197,6 +199,11 @@ class BeanstalkConn(Conn):
         self.acked_at = time.perf_counter_ns()
         return await self.taken()
 
+    async def ping(self) -> None:
+        """beanstalkd has no PING: `list-tube-used` reads the connection's own state only."""
+        self.w.write(b"list-tube-used\r\n")
+        await self.expect(b"USING")
+
 
 def resp(*parts: bytes) -> bytes:
     return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%b\r\n" % (len(p), p) for p in parts)
@@ -256,6 +263,11 @@ class RespConn(Conn):
         self.acked_at = time.perf_counter_ns()
         data = await self.reply()
         return None if data is None else (data, data)  # type: ignore[return-value]
+
+    async def ping(self) -> None:
+        self.w.write(resp(b"PING"))
+        if (got := await self.reply()) != b"PONG":
+            raise RuntimeError(f"redis: PING answered {got!r}")
 
 
 CONNS: dict[str, type[Conn]] = {

@@ -26,6 +26,8 @@ METRICS = {
     "rss_mib": ("RSS MiB", "{:,.0f}"),
     "stall_ms": ("longest stall ms", "{:,.1f}"),
     "snapshot_s": ("snapshot s", "{:.2f}"),
+    "bytes_per_conn": ("RSS B/idle connection", "{:,.0f}"),
+    "conns": ("idle connections", "{:,.0f}"),
 }
 THROUGHPUT = ["ops_s", "p50_us", "p99_us", "max_us", "srv_cpu", "cli_cpu", "oth_cpu"]
 #: Columns per scenario; the first is shown as median (min-max) over the runs.
@@ -37,9 +39,17 @@ COLUMNS = {
     "recovery": ["startup_s", "empty_startup_s", "commands"],
     "memory": ["bytes_per_command", "rss_mib", "commands"],
     "snapshot": ["stall_ms", "p99_us", "max_us", "snapshot_s", "commands"],
+    "connections": [*THROUGHPUT, "conns"],  # put with idle
 }
-#: The figure a ratio compares, and whether higher is better.
+#: Cases whose figures differ from the rest of their scenario's (each gets its own table).
+CASE_COLUMNS = {("connections", "idle rss"): ["bytes_per_conn", "rss_mib", "conns"]}
+#: The figure a ratio compares, and whether higher is better; CASE_RATIO_METRIC overrides
+#: it for the cases of a scenario that measure different things.
 RATIO_METRIC = {"produce": ("ops_s", True), "consume": ("ops_s", True), "wake": ("p99_us", False)}
+CASE_RATIO_METRIC = {
+    ("connections", "idle rss"): ("bytes_per_conn", False),
+    ("connections", "put with idle"): ("ops_s", True),
+}
 #: Issue 5: spinbroker with fsync always, divided by a peer at a durability level, >= want.
 PEER_TARGETS = [  # scenario, case, peer, peer level, want
     ("produce", "pipelined 100", "redis", "always", 1.0),
@@ -81,6 +91,14 @@ def median(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out | {f"{k}_range": [min(r[k] for r in done), max(r[k] for r in done)] for k in keys}
 
 
+def columns(scenario: str, case: str) -> list[str]:
+    return CASE_COLUMNS.get((scenario, case), COLUMNS[scenario])
+
+
+def ratio_metric(scenario: str, case: str) -> tuple[str, bool] | None:
+    return CASE_RATIO_METRIC.get((scenario, case), RATIO_METRIC.get(scenario))
+
+
 def fmt(metric: str, value: Any) -> str:
     if not isinstance(value, int | float) or math.isnan(value):
         return "-"
@@ -88,36 +106,48 @@ def fmt(metric: str, value: Any) -> str:
 
 
 def tables(results: Runs) -> str:
+    """One table per scenario, in COLUMNS order; a scenario whose cases have different
+    columns gets one table per set of columns, titled "scenario: case"."""
     out: list[str] = []
-    for scenario, cols in COLUMNS.items():
-        rows = [(k, median(v)) for k, v in results.items() if k[0] == scenario]
-        if not rows:
-            continue
-        head = [f"{METRICS[cols[0]][0]} median (min-max)", *(METRICS[c][0] for c in cols[1:])]
-        out += [
-            f"\n### {scenario}\n",
-            "| case | system | durability | transport | " + " | ".join(head) + " |",
-        ]
-        out.append("|---|---|---|---|" + "---:|" * len(cols))
-        for (_, case, system, level, transport), m in rows:
-            label = f"| {case} | {system} | {level} | {transport} | "
-            if "skipped" in m:
-                out.append(label + f"not available: {m['skipped']} |" + " |" * (len(cols) - 1))
-                continue
-            lo, hi = m[f"{cols[0]}_range"]
-            first = f"{fmt(cols[0], m[cols[0]])} ({fmt(cols[0], lo)}-{fmt(cols[0], hi)})"
-            out.append(label + " | ".join([first, *(fmt(c, m.get(c)) for c in cols[1:])]) + " |")
+    for scenario in COLUMNS:
+        keys = [k for k in results if k[0] == scenario]
+        sets = list(dict.fromkeys(tuple(columns(*k[:2])) for k in keys))
+        for cols in map(list, sets):
+            mine = [k for k in keys if columns(*k[:2]) == cols]
+            cases = ", ".join(dict.fromkeys(k[1] for k in mine))
+            title = scenario if len(sets) == 1 else f"{scenario}: {cases}"
+            out += table(title, cols, [(k, median(results[k])) for k in mine])
     return "\n".join(out)
 
 
+def table(title: str, cols: list[str], rows: list[tuple[Key, dict[str, Any]]]) -> list[str]:
+    """Markdown lines: the first column is the median (min-max) over the runs."""
+    head = [f"{METRICS[cols[0]][0]} median (min-max)", *(METRICS[c][0] for c in cols[1:])]
+    out = [
+        f"\n### {title}\n",
+        "| case | system | durability | transport | " + " | ".join(head) + " |",
+    ]
+    out.append("|---|---|---|---|" + "---:|" * len(cols))
+    for (_, case, system, level, transport), m in rows:
+        label = f"| {case} | {system} | {level} | {transport} | "
+        if "skipped" in m:
+            out.append(label + f"not available: {m['skipped']} |" + " |" * (len(cols) - 1))
+            continue
+        lo, hi = m[f"{cols[0]}_range"]
+        first = f"{fmt(cols[0], m[cols[0]])} ({fmt(cols[0], lo)}-{fmt(cols[0], hi)})"
+        out.append(label + " | ".join([first, *(fmt(c, m.get(c)) for c in cols[1:])]) + " |")
+    return out
+
+
 def ratio(results: Runs, key: Key, peer: str, peer_level: str) -> float:
-    """spinbroker's figure / the peer's (inverted for latency, so > 1 is always better)."""
-    metric, higher = RATIO_METRIC[key[0]]
+    """spinbroker's figure / the peer's, inverted where lower is better (latency, bytes),
+    so > 1 always means spinbroker did better. NaN unless both figures are above zero."""
+    metric, higher = ratio_metric(key[0], key[1]) or ("", True)
     spin, other = median(results.get(key, [])).get(metric), None
     peer_runs = results.get((key[0], key[1], peer, peer_level, key[4]))
     if peer_runs:
         other = median(peer_runs).get(metric)
-    if not isinstance(spin, float) or not isinstance(other, float) or not spin or not other:
+    if not isinstance(spin, float) or not isinstance(other, float) or spin <= 0 or other <= 0:
         return math.nan
     return spin / other if higher else other / spin
 
@@ -126,7 +156,7 @@ def ratios(results: Runs) -> list[dict[str, Any]]:
     rows = []
     for key in results:
         scenario, case, system, level, transport = key
-        if system != "spinbroker" or scenario not in RATIO_METRIC:
+        if system != "spinbroker" or ratio_metric(scenario, case) is None:
             continue
         peers = {p: ratio(results, key, p, level) for p in ("beanstalkd", "redis")}
         if any(not math.isnan(v) for v in peers.values()):

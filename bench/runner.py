@@ -32,12 +32,20 @@ from bench.report import Runs, median, ratio_table, ratios, tables, targets
 from bench.servers import LEVELS, SYSTEMS, wait_quiet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCENARIOS = ("produce", "consume", "e2e", "wake", "recovery", "memory", "snapshot")
+SCENARIOS = ("produce", "consume", "e2e", "wake", "recovery", "memory", "snapshot", "connections")
 PRODUCE = ("unpipelined x1", "unpipelined x16", "pipelined 100", "package 10", "package 100")
 ERR: dict[str, Any] = {"file": sys.stderr, "flush": True}
 CAPTURE: dict[str, Any] = {"capture_output": True, "text": True, "check": False, "cwd": ROOT}
 QUIET_HELP = "before each case, wait up to S s for the machine to go idle (shared VMs)"
-SMOKE = {"n": 400, "wake_n": 100, "e2e_n": 64, "big": 5_000, "max_s": 5.0, "drain_s": 0.25}
+SMOKE = {
+    "n": 400,
+    "wake_n": 100,
+    "e2e_n": 64,
+    "big": 5_000,
+    "max_s": 5.0,
+    "drain_s": 0.25,
+    "idle_n": 50,
+}
 
 
 @dataclass
@@ -71,6 +79,10 @@ def build(a: argparse.Namespace, o: sc.Opts) -> list[Case]:
                     out.append(Case("consume", f"agents {k}", s, lv, t, run))
             if "wake" in only:
                 out.append(Case("wake", "blocked agent", s, lv, t, partial(sc.wake, s, lv, t, o)))
+            if "connections" in only:  # one case, two rows: the puts run beside the idle ones
+                run = partial(sc.connections, s, lv, t, o)
+                case = "idle rss, put with idle"
+                out.append(Case("connections", case, s, lv, t, run, sc.CONNECTION_ROWS))
         if "e2e" in only:
             out.append(Case("e2e", "chain of 3", "spinbroker", lv, t, partial(sc.e2e, lv, t, o)))
     if only & {"recovery", "memory", "snapshot"}:
@@ -81,10 +93,10 @@ def build(a: argparse.Namespace, o: sc.Opts) -> list[Case]:
     return [c for c in out if re.search(a.filter, c.label)]
 
 
-def headline(scenario: str, fig: dict[str, Any]) -> str:
+def headline(scenario: str, case: str, fig: dict[str, Any]) -> str:
     if "skipped" in fig:
         return f"not available: {fig['skipped']}"
-    cols = report.COLUMNS[scenario]
+    cols = report.columns(scenario, case)
     return ", ".join(f"{report.METRICS[k][0]} {report.fmt(k, fig.get(k))}" for k in cols)
 
 
@@ -180,7 +192,7 @@ def main(argv: list[str] | None = None) -> Runs:
             figs = run_case(c, a.smoke)
             for (scenario, case), fig in figs.items():
                 results.setdefault((scenario, case, c.system, c.level, c.transport), []).append(fig)
-            lines = dict.fromkeys(headline(s, f) for (s, _), f in figs.items())
+            lines = dict.fromkeys(headline(s, k, f) for (s, k), f in figs.items())
             print("; ".join(lines), f"({time.monotonic() - t0:.1f}s)", **ERR)
     except KeyboardInterrupt:
         print("\ninterrupted: writing the figures so far", **ERR)

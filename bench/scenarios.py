@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -31,6 +32,10 @@ DURABLE_ROWS = (
     ("snapshot", "stall"),
     ("recovery", "from snapshot"),
 )
+CONNECTION_ROWS = (("connections", "idle rss"), ("connections", "put with idle"))
+FD_MARGIN = 100  # descriptors a server or client process needs besides the connections
+#: Open connections a system accepts by default, and the flag that raises the cap.
+CONN_CAPS = {"spinbroker": (10_000, "--max-connections"), "redis": (10_000, "--maxclients")}
 
 
 class Unavailable(Exception):
@@ -50,6 +55,7 @@ class Opts:
     max_s: float = opt(15.0, "time bound of every timed loop, seconds")
     procs: int = opt(2, "client processes a group of connections is spread over")
     drain_s: float = opt(1.0, "a take that waits this long means the queue is drained")
+    idle_n: int = opt(5_000, "idle connections held open in the connections scenario")
 
 
 def timed(srv: Server, clients: Clients) -> dict[str, Any]:
@@ -135,6 +141,53 @@ def e2e(level: str, transport: str, o: Opts, agents: int = 2, inflight: int = 16
             fig = timed(srv, producer)
             pool.collect()
         return {("e2e", "chain of 3"): fig}
+
+
+def connections(system: str, level: str, transport: str, o: Opts) -> Figures:
+    """o.idle_n connections spread over the client processes, each making one PING (or
+    the protocol's cheapest request) and then staying open and silent: the server's RSS
+    growth per connection. Then, with all of them still open, one connection's unpipelined
+    puts (produce "unpipelined x1" with o.n // 4 jobs): does a request cost more when many
+    clients are connected but idle? At the end every idle connection PINGs once more."""
+    n, hold_s = o.idle_n, 2 * o.max_s + 60  # hold: > the put group's start and bounded run
+    with Server(SYSTEMS[system], level, transport, extra=room_for(system, n)) as srv:
+        uvloop.run(ping(system, srv.addr))  # a first request's one-time costs: not per conn
+        rss0 = rss_bytes(srv.pid)
+        with group(srv, o, "idle", n, o.procs, hold_s=hold_s) as idle:
+            rss = rss_bytes(srv.pid)  # every connection has answered its PING
+            idle.go()
+            puts = group(srv, o, "produce", mode="serial", n=max(1, o.n // 4), size=1)
+            fig, puts_end = timed(srv, puts), now()
+            idle.stop.set()
+            _, held, last, _ = idle.collect()
+        if last < puts_end:
+            raise RuntimeError(
+                f"the idle connections let go (at {hold_s:g} s) before the puts ended"
+            )
+    per_conn = {"bytes_per_conn": (rss - rss0) / n, "rss_mib": rss / 2**20, "conns": held}
+    return {CONNECTION_ROWS[0]: per_conn, CONNECTION_ROWS[1]: fig | {"conns": held}}
+
+
+def room_for(system: str, n: int) -> list[str]:
+    """Flags that let `system` hold n connections (none below its default cap). Each idle
+    connection also holds a descriptor in the server and in a client process, which both
+    inherit this process's `ulimit -n`: too few would fail half-way, so say so first."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if n + FD_MARGIN > soft:
+        raise Unavailable(
+            f"--idle-n {n:,} needs ~{n + FD_MARGIN:,} descriptors: ulimit -n {soft:,}"
+        )
+    cap, flag = CONN_CAPS.get(system, (soft, ""))
+    return [flag, str(n + FD_MARGIN)] if n + FD_MARGIN > cap else []
+
+
+async def ping(system: str, addr: Any) -> None:
+    """One round trip on a fresh connection (set-up, never timed)."""
+    c = await connect(system, addr)
+    try:
+        await asyncio.wait_for(c.ping(), 60)
+    finally:
+        await c.close()
 
 
 def start_up(srv: Server) -> float:

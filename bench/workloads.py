@@ -1,10 +1,11 @@
 """What the client processes run, and how the harness starts them.
 
-Each client process opens its connections, reports ready, waits for the common start
-signal, runs one role on all its connections as asyncio tasks, and sends back its
-latencies, its op count, the time its last op finished and its own CPU time. Times are
-`perf_counter_ns` (CLOCK_MONOTONIC), so they compare across processes. Every loop stops at
-its count or at the deadline, whichever comes first.
+Each client process opens its connections (and makes its role's set-up request on each,
+if the role has one), reports ready, waits for the common start signal, runs one role on
+all its connections as asyncio tasks, and sends back its latencies, its op count, the time
+its last op finished and its own CPU time. Times are `perf_counter_ns` (CLOCK_MONOTONIC),
+so they compare across processes. Every loop stops at its count or at the deadline,
+whichever comes first.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bench.clients import QUEUE, SpinConn, connect, payload, sent_ns
 from bench.servers import Server
 
 now = time.perf_counter_ns
+IDLE_POLL_S = 0.02  # how often an idle process looks at the stop event
 Result = tuple[list[int], int, int]  # latencies (ns), ops done, time the last op finished
 
 
@@ -104,12 +106,53 @@ async def chain(c: SpinConn, k: int, p: dict[str, Any], end: int) -> Result:
     return lat, len(lat), last
 
 
+async def idle(c: Any, k: int, p: dict[str, Any], end: int) -> Result:
+    """Keep the connection open and silent (its one request was the set-up PING) until the
+    harness sets p["stop"], or p["hold_s"] after the start at the latest (other clients
+    are timed meanwhile, so this outlives the usual deadline); then PING once more, which
+    shows the server kept the connection all along. Only connection 0 polls the stop
+    event; the others wait on an asyncio event it sets (one per process, in p), so
+    thousands of idle connections cost their process nothing. One op per connection."""
+    released = p.setdefault("released", asyncio.Event())
+    if k == 0:
+        hold_end = now() + int(p["hold_s"] * 1e9)
+        while not p["stop"].is_set() and now() < hold_end:
+            await asyncio.sleep(IDLE_POLL_S)
+        released.set()
+    await released.wait()
+    await c.ping()
+    return [], 1, now()
+
+
 ROLES: dict[str, Callable[[Any, int, dict[str, Any], int], Awaitable[Result]]] = {
     "produce": produce,
     "agent": agent,
     "ticker": ticker,
     "chain": chain,
+    "idle": idle,
 }
+#: A request a role makes on each connection before its process reports ready: when the
+#: harness hears "ready", the server has set up every connection's state.
+SETUP: dict[str, Callable[[Any], Awaitable[None]]] = {"idle": lambda c: c.ping()}
+
+
+async def open_conns(system: str, addr: Any, spec: Spec, max_s: float) -> list[Any]:
+    """spec.conns connections, each making the role's set-up request (if any) before the
+    next one opens: that paces the connects to the server's accept loop, whose listen
+    backlog would overflow otherwise (a Unix socket then refuses, TCP retries after 1 s).
+    Everything within max_s, or RuntimeError saying how far it got."""
+    conns: list[Any] = []
+    setup = SETUP.get(spec.role)
+    try:
+        async with asyncio.timeout(max_s):
+            while len(conns) < spec.conns:
+                conns.append(await connect(system, addr))
+                if setup is not None:
+                    await setup(conns[-1])
+    except TimeoutError:
+        got = f"{len(conns):,} of {spec.conns:,} connections"
+        raise RuntimeError(f"{spec.role}: {got} opened and set up in {max_s:g} s") from None
+    return conns
 
 
 def client_main(
@@ -118,7 +161,11 @@ def client_main(
     """A client process: connect, say ready, wait for go, run the role on every connection."""
 
     async def run() -> None:
-        conns = [await connect(system, addr) for _ in range(spec.conns)]
+        try:
+            conns = await open_conns(system, addr, spec, max_s)
+        except Exception as e:  # the harness raises it instead of waiting for "ready"
+            ready.put(f"client set-up failed: {e!r}")
+            return
         ready.put(os.getpid())
         if not go.wait(60):  # blocking is fine: nothing else runs on this loop yet
             return
@@ -158,7 +205,8 @@ class Clients:
             for proc in self.procs:
                 proc.start()
             for _ in self.procs:
-                self.ready.get(timeout=60)
+                if isinstance(got := self.ready.get(timeout=60), str):
+                    raise RuntimeError(got)
         except BaseException:
             self.close()
             raise

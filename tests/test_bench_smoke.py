@@ -44,6 +44,7 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
         ("consume", "agents 4"),
         ("e2e", "chain of 3"),
         ("wake", "blocked agent"),
+        ("connections", "put with idle"),
     ]:
         figures = rows[scenario, case, "spinbroker"]
         assert figures.get("n", 0) > 0 and figures["ops_s"] > 0, (scenario, case, figures)
@@ -51,9 +52,14 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
         figures = rows[scenario, case, "spinbroker"]
         assert "skipped" in figures or figures["commands"] > 0, (scenario, case, figures)
 
+    idle = rows["connections", "idle rss", "spinbroker"]
+    assert idle["conns"] == 50 and "bytes_per_conn" in idle, idle  # --smoke holds 50 open
+
     for peer, program in [("beanstalkd", "beanstalkd"), ("redis", "redis-server")]:
         if shutil.which(program):
             assert rows["produce", "pipelined 100", peer]["n"] > 0
+            assert rows["connections", "idle rss", peer]["conns"] == 50
+            assert rows["connections", "put with idle", peer]["n"] > 0
     assert doc["meta"]["payload_bytes"] == 100
     assert {t["target"] for t in doc["targets"]}, "the targets table is empty"
     assert "| case | system |" in out.with_suffix(".md").read_text()
