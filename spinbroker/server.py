@@ -864,7 +864,8 @@ class Server:
         assert self.wal is not None
         out: dict[str, Any] = {
             "fsync": self.wal.fsync.value,
-            "appended_lsn": self.appended_lsn,
+            # Changes made in this loop pass are in the core's outbox, not yet in the log.
+            "appended_lsn": self.appended_lsn + len(self.core.outbox),
             "durable_lsn": self.durable_lsn,
         }
         out.update(self.wal.stats())

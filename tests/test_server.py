@@ -249,6 +249,15 @@ async def test_stats_show_what_the_log_did(raw: Connect) -> None:
     assert after["synced_records"] == before["synced_records"] + 1
     assert after["sync_seconds"] >= before["sync_seconds"]
     assert {"snapshots", "snapshot_lsn", "snapshot_fork_ms", "max_sync_ms"} <= set(after)
+    # A STATS read in the same pass as a change (one write) counts it as appended, not
+    # yet durable.
+    submit = [90, "SUBMIT", {"commands": [{"resource": "r", "action": "a"}]}]
+    c.send_raw(msgpack.packb(submit) + msgpack.packb([91, "STATS"]))
+    replies = {msg[0]: msg for msg in [await c.reply(), await c.reply()]}
+    assert replies[90][1] == "ok"
+    same = replies[91][2]["log"]
+    assert same["appended_lsn"] == after["appended_lsn"] + 1
+    assert same["durable_lsn"] == after["durable_lsn"]
 
 
 async def test_cancel_and_wait(raw: Connect) -> None:
