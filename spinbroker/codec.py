@@ -36,7 +36,8 @@ _MSGPACK_FIRST_BYTES = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
 
 #: Replies of every connection are packed by this one Packer: a pack is synchronous and
 #: leaves it empty (it resets on a failure too), and a Packer per connection would cost each
-#: idle connection its buffer.
+#: idle connection its buffer. It and UNPACKERS assume what the server does: every
+#: ServerCodec of a process is used from one thread, its event loop's.
 _PACKER = msgpack.Packer(use_bin_type=True)
 
 
