@@ -12,8 +12,9 @@ Pure: no files. The server decides where the bytes go.
 
 from __future__ import annotations
 
-import heapq
+from collections import deque
 from collections.abc import Iterable
+from operator import attrgetter
 from typing import Any
 
 import msgpack
@@ -218,7 +219,7 @@ def _build(broker: Broker, packages: Iterable[list[Any]]) -> list[Command]:
             elif state is CANCELLED:
                 cancelled_any = True
             if state is READY:
-                q.ready_heap.append((order, cmd))  # counted by `_finish`
+                q.ready_line.append(cmd)  # sorted and counted by `_finish`
             elif state is WAITING:
                 q.waiting += 1
                 waiting.append(cmd)
@@ -247,5 +248,7 @@ def _finish(broker: Broker, waiting: list[Command]) -> None:
             else:
                 dep.dependents.append(cmd)
     for q in broker.queues.values():
-        q.ready = len(q.ready_heap)  # a loaded heap holds exactly the ready commands
-        heapq.heapify(q.ready_heap)
+        q.ready = len(q.ready_line)  # a loaded line holds exactly the ready commands
+        # A snapshot lists packages in the order they were made, nearly their enqueue
+        # order, so sorting the line is about one pass over it.
+        q.ready_line = deque(sorted(q.ready_line, key=attrgetter("order")))

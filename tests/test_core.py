@@ -1251,4 +1251,5 @@ def test_the_one_command_submit_fast_path_builds_what_the_general_path_builds() 
     for differs in ("id", "commands"):
         fp.pop(differs), gp.pop(differs)
     assert fp == gp
-    assert (f_cmd.queue.ready, len(f_cmd.queue.ready_heap)) == (1, 1)
+    q = f_cmd.queue
+    assert (q.ready, list(q.ready_line), q.ready_heap) == (1, [f_cmd], [])

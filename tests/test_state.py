@@ -27,7 +27,7 @@ def observable(b: Broker) -> dict[str, Any]:
     """Everything a client could learn, plus each queue's delivery order."""
     order = {}
     for name, q in b.queues.items():
-        entries = sorted(q.ready_heap, key=lambda e: e[0])
+        entries = sorted([(c.order, c) for c in q.ready_line] + q.ready_heap, key=lambda e: e[0])
         ready = [c.id for _, c in entries if c.state.value == "ready"]
         if ready:
             order[name] = ready
