@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from spinbroker.wal import Wal, WalWriteError
 from spinbroker.wal.files import OsFiles, WalFile
 from spinbroker.wal.memfiles import MemoryFiles
+from spinbroker.wal.writer import IoThread
 
 D = Path("/data/wal")
 
@@ -236,3 +240,46 @@ async def test_on_commit_is_told_of_a_failed_sync() -> None:
     assert wal.durable_lsn == 0
     fs.heal()
     await wal.close()
+
+
+async def test_io_thread_runs_jobs_in_order_off_the_loop_and_reports_on_it() -> None:
+    io = IoThread("test-io")
+    loop = asyncio.get_running_loop()
+    ran: list[tuple[int, str]] = []
+    told: list[tuple[int, BaseException | None, str]] = []
+    all_told = asyncio.Event()
+
+    def job(i: int) -> None:
+        ran.append((i, threading.current_thread().name))
+        if i == 3:
+            raise OSError(errno.EIO, "disk")
+
+    def done(i: int, outcome: BaseException | None) -> None:
+        told.append((i, outcome, threading.current_thread().name))
+        if len(told) == 5:
+            all_told.set()
+
+    for i in range(5):
+        io.submit(job, (i,), functools.partial(done, i), loop)
+    await asyncio.wait_for(all_told.wait(), 10)
+    assert ran == [(i, "test-io") for i in range(5)]
+    loop_thread = threading.current_thread().name
+    assert [(i, thread) for i, _, thread in told] == [(i, loop_thread) for i in range(5)]
+    failures = [outcome for _, outcome, _ in told]
+    assert isinstance(failures[3], OSError) and failures[:3] + failures[4:] == [None] * 4
+    with pytest.raises(OSError, match="disk"):
+        await io.run(job, 3)
+    await io.run(job, 7)
+    assert ran[-1] == (7, "test-io")
+    io.stop()
+    assert not any(t.name == "test-io" for t in threading.enumerate())
+
+
+async def test_io_thread_starts_with_its_first_job_and_stops_idle() -> None:
+    io = IoThread("test-io-lazy")
+    assert not any(t.name == "test-io-lazy" for t in threading.enumerate())
+    io.stop()  # never started: nothing to end
+    await io.run(lambda: None)
+    assert any(t.name == "test-io-lazy" for t in threading.enumerate())
+    io.stop()
+    assert not any(t.name == "test-io-lazy" for t in threading.enumerate())

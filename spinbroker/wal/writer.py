@@ -35,9 +35,11 @@ import contextlib
 import errno as errnos
 import functools
 import logging
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from enum import StrEnum
+from typing import Any
 
 from spinbroker.wal.errors import WalClosed, WalWriteError
 from spinbroker.wal.frame import MAX_BODY, encode_record
@@ -66,7 +68,7 @@ class GroupCommit:
         self._writer = writer
         self.mode = mode
         self._interval = batch_interval_ms / 1000.0
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="spinbroker-wal")
+        self._io = IoThread("spinbroker-wal")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._buffer: list[bytes] = []
         self._next_lsn = next_lsn
@@ -194,20 +196,18 @@ class GroupCommit:
         self._flush_started = loop.time()
         failure: BaseException | None = None
         try:
-            await loop.run_in_executor(
-                self._executor, self._writer.flush, frames, self._next_lsn - 1, True
-            )
+            await self._io.run(self._writer.flush, frames, self._next_lsn - 1, True)
         except Exception as exc:
             failure = exc
         self._settle(failure)
         for _, resolve in (*self._waiters, *self._sync_waiters):
             resolve(WalClosed("the log was closed"))
         try:
-            await loop.run_in_executor(self._executor, self._writer.close)
+            await self._io.run(self._writer.close)
         except OSError as exc:
             failure = failure or exc
         finally:
-            self._executor.shutdown(wait=True)
+            self._io.stop()
         if failure is not None:
             raise _write_error(failure) from failure
 
@@ -260,8 +260,7 @@ class GroupCommit:
         # pass), not through run_in_executor's chain of futures, which costs extra passes
         # on every acknowledgement.
         self._inflight = loop.create_future()
-        job = self._executor.submit(self._writer.flush, frames, last, sync)
-        job.add_done_callback(lambda done: _call_soon_threadsafe(loop, self._flush_done, done))
+        self._io.submit(self._writer.flush, (frames, last, sync), self._flush_done, loop)
 
     def _sync_now(self, last: int) -> bool:
         """Whether the next flush should end with an fdatasync."""
@@ -275,9 +274,9 @@ class GroupCommit:
         assert loop is not None
         return loop.time() - self._last_sync >= self._interval
 
-    def _flush_done(self, job: Future[None]) -> None:
+    def _flush_done(self, failure: BaseException | None) -> None:
         inflight, self._inflight = self._inflight, None
-        self._flushed(job.exception())
+        self._flushed(failure)
         if inflight is not None:
             inflight.set_result(None)  # close() waits on it
 
@@ -341,11 +340,68 @@ class GroupCommit:
         return self._loop.time()
 
 
-def _call_soon_threadsafe(
-    loop: asyncio.AbstractEventLoop, callback: Callable[[Future[None]], None], job: Future[None]
-) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
-        loop.call_soon_threadsafe(callback, job)
+#: A job for the IO thread: a function, its arguments, and what to call on the event loop
+#: with its outcome (None, or what it raised).
+_Job = tuple[
+    Callable[..., object],
+    tuple[Any, ...],
+    Callable[[BaseException | None], None],
+    asyncio.AbstractEventLoop,
+]
+
+
+class IoThread:
+    """The log's IO thread: runs the jobs handed to it one at a time, in order, and hands
+    each outcome to the event loop. Leaner than a one-worker ThreadPoolExecutor on the
+    path every acknowledgement takes: a queue put and get per job and no Future, lock or
+    condition, so that the thread holds the GIL for less and the loop spends less CPU per
+    flush. Started by the first job."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(
+        self,
+        fn: Callable[..., object],
+        args: tuple[Any, ...],
+        done: Callable[[BaseException | None], None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """Run `fn(*args)` on the thread, then `done(outcome)` on `loop`."""
+        if self._thread is None:
+            # A daemon: an exit without close() must not hang on an idle thread. A job
+            # cut short by exit was not acknowledged to anybody.
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        self._jobs.put((fn, args, done, loop))
+
+    async def run(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run `fn(*args)` on the thread and wait for it; raises what it raised."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self.submit(fn, args, functools.partial(_resolve, future), loop)
+        await future
+
+    def stop(self) -> None:
+        """End the thread once the jobs handed to it are done."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        get = self._jobs.get
+        while (job := get()) is not None:
+            fn, args, done, loop = job
+            outcome: BaseException | None = None
+            try:
+                fn(*args)
+            except BaseException as exc:  # the loop's side decides what it means
+                outcome = exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+                loop.call_soon_threadsafe(done, outcome)
 
 
 def _resolve(future: asyncio.Future[None], failure: BaseException | None) -> None:
