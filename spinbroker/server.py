@@ -639,8 +639,12 @@ class Server:
     def _unblock(self, blocked: Blocked) -> None:
         blocked.cancel_timer()
         blocked.conn.blocked.discard(blocked)
-        if blocked.waiter is not None:
-            self.core.unpark(blocked.waiter)
+        waiter = blocked.waiter
+        if waiter is not None:
+            # Break the Blocked <-> Waiter cycle: what is frozen must be freed by refcount
+            # alone (see FREEZE_EVERY), or each parked NEXT alive at a freeze would leak.
+            blocked.waiter = None
+            self.core.unpark(waiter)
         if blocked.package is not None:
             waits = self.waits.get(blocked.package)
             if waits is not None and blocked in waits:
