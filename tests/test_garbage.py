@@ -5,8 +5,9 @@ would otherwise walk the whole state). A frozen object that later becomes part o
 unreachable cycle is never collected: it leaks. So no object of spinbroker's may ever need
 the cyclic collector to be freed. This drives every path that drops state (completion,
 failure cascade, cancel, expiry, retention, leases lost with their connection or their ttr,
-blocked NEXT and WAIT timing out or abandoned, bad input, text mode) through a real server,
-with the collector saving what it finds, and looks for spinbroker's objects in it.
+NEXT and WAIT answered, timing out or abandoned, every other verb, bad input, text mode,
+snapshots) through a real server, with the collector saving what it finds, and looks for
+spinbroker's objects in it.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ async def workload(server: Server, clock: Clock) -> None:
     await leaver.ok("NEXT", {"resource": "n", "timeout": 0})
     await leaver.close()
     await producer.ok("SUBMIT", {"commands": [cmd("t")]})
-    await agent.ok("NEXT", {"resource": "t", "timeout": 0, "ttr": 5})
+    leased = await agent.ok("NEXT", {"resource": "t", "timeout": 0, "ttr": 5})
+    await agent.ok("TOUCH", {"command": leased["id"], "ttr": 10})
     # Blocked NEXTs: answered once a command comes, timing out, and abandoned by their
     # connection (on a made-up name).
     parked_next = agent.send("NEXT", {"resource": "late"})
@@ -99,6 +101,17 @@ async def workload(server: Server, clock: Clock) -> None:
     parked.send("NEXT", {"resource": "nobody-sends-this"})
     await parked.ok("PING")
     await parked.close()
+    # The reads and the rest of the verbs: STATUS, STATS, HELP, TOUCH, ANNOUNCE, and a
+    # SUBMIT the announced schema refuses.
+    await producer.ok("STATUS", {"id": pkg, "commands": True})
+    await producer.ok("STATUS", {"id": got["id"]})
+    await producer.ok("STATS")
+    await producer.ok("HELP")
+    leases = await agent.ok("STATS")
+    assert leases["resources"]["t"]["leased"] == 1
+    schema = {"schema": 1, "actions": {"run": {"parameters": {"host": {"type": "str"}}}}}
+    await agent.ok("ANNOUNCE", {"resource": "typed", "schema": schema})
+    assert (await producer.call("SUBMIT", {"commands": [cmd("typed", port=1)]}))[1] == "error"
     # Bad input, and a text-mode session.
     assert (await producer.call("NOPE"))[1] == "error"
     typist = TextClient(*await open_stream(server, tcp=False))
@@ -121,7 +134,8 @@ async def workload(server: Server, clock: Clock) -> None:
 async def test_the_broker_leaves_no_cyclic_garbage_of_its_own(tmp_path: Path) -> None:
     clock = Clock()
     limits = Limits(package_ttl=30.0, retention=100.0)
-    config = ServerConfig(data_dir=tmp_path / "data", tcp=None, limits=limits)
+    # Snapshots are taken along the way too (a forked child each, every 25 records).
+    config = ServerConfig(data_dir=tmp_path / "data", tcp=None, limits=limits, snapshot_every=25)
     server = Server(config, clock=clock)
     await server.start()
     try:
@@ -131,6 +145,7 @@ async def test_the_broker_leaves_no_cyclic_garbage_of_its_own(tmp_path: Path) ->
         # Everything was forgotten: the state is back to empty (so a leak cannot hide as
         # live state).
         assert stats["totals"]["packages"] == 0, stats
+        assert server.snapshotter is not None and server.snapshotter.last_lsn > 0
         gc.collect()
         gc.set_debug(gc.DEBUG_SAVEALL)
         try:
