@@ -25,7 +25,7 @@ from functools import partial
 from importlib.metadata import version
 from typing import Any
 
-from bench import report
+from bench import report, servers
 from bench import scenarios as sc
 from bench.clients import CONNS, PAYLOAD_BYTES
 from bench.report import Runs, median, ratio_table, ratios, tables, targets
@@ -166,6 +166,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--out", help="JSON file (default bench/out/results-<time>.json); tables go to <out>.md"
     )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="run spinbroker under cProfile: one DIR/<case>-<n>.prof per broker start "
+        "(its figures are then slower than the broker's)",
+    )
     a = p.parse_args(argv)
     a.argv = sys.argv[1:] if argv is None else argv
     if a.smoke:
@@ -180,6 +186,9 @@ def main(argv: list[str] | None = None) -> Runs:
     a = parse(argv)
     o = sc.Opts(**{f.name: getattr(a, f.name) for f in fields(sc.Opts)})
     cases, results, load0, source = build(a, o), {}, os.getloadavg(), source_digest()
+    if a.profile:
+        os.makedirs(a.profile, exist_ok=True)
+        servers.PROFILING = servers.Profiling(os.path.abspath(a.profile))
     missing = [s for s in a.systems.split(",") if not SYSTEMS[s].available()]
     if missing:
         print(f"not installed, skipped: {', '.join(missing)}", file=sys.stderr)
@@ -188,6 +197,8 @@ def main(argv: list[str] | None = None) -> Runs:
             print(f"[run {rep + 1}/{a.reps} case {i}/{len(cases)}] {c.label} ... ", end="", **ERR)
             if a.quiet_wait:
                 wait_quiet(a.quiet_wait)
+            if servers.PROFILING is not None:
+                servers.PROFILING.label = f"{c.label} run {rep + 1}"
             t0 = time.monotonic()
             figs = run_case(c, a.smoke)
             for (scenario, case), fig in figs.items():
@@ -199,6 +210,9 @@ def main(argv: list[str] | None = None) -> Runs:
     if source_digest() != source:
         print("warning: spinbroker's source changed during this run: figures mix versions", **ERR)
     write(a, o, results, load0)
+    if servers.PROFILING is not None:
+        print(f"profiles: {a.profile} (python -m pstats FILE; sort tottime, stats 30)", **ERR)
+        servers.PROFILING = None
     return results
 
 

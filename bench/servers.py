@@ -8,6 +8,7 @@ exactly that process. Nothing here speaks a protocol beyond "the socket accepts"
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -137,6 +138,31 @@ SYSTEMS = {
 
 
 @dataclass
+class Profiling:
+    """`python -m bench --profile DIR`: every spinbroker start runs under cProfile and
+    writes DIR/<label>-<n>.prof when it stops cleanly (SIGTERM); the runner sets `label`
+    to the case running. A start ended by SIGKILL (the recovery scenario's crash) writes
+    nothing. Figures measured this way are slower than the broker's: read the profiles,
+    not the tables."""
+
+    directory: str
+    label: str = "server"
+    starts: int = 0
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """spinbroker's command line, run under cProfile."""
+        assert argv[: len(SPIN)] == SPIN, argv
+        self.starts += 1
+        name = re.sub(r"[^A-Za-z0-9]+", "-", self.label).strip("-")
+        path = os.path.join(self.directory, f"{name}-{self.starts}.prof")
+        return [sys.executable, "-m", "cProfile", "-o", path, *SPIN[1:], *argv[len(SPIN) :]]
+
+
+#: Set by the runner's --profile (see `Profiling`).
+PROFILING: Profiling | None = None
+
+
+@dataclass
 class Server:
     """One running server with a fresh data dir; `addr` is what clients connect to."""
 
@@ -147,6 +173,8 @@ class Server:
     port: int = field(default_factory=free_port)
     extra: list[str] = field(default_factory=list)  # more flags, for the next start
     proc: subprocess.Popen[bytes] | None = None
+    #: Running under cProfile (see `Profiling`): it must end with SIGTERM to write it.
+    profiled: bool = False
 
     @property
     def data(self) -> str:
@@ -171,6 +199,9 @@ class Server:
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         argv = self.system.command(self.level, self) + self.extra
+        self.profiled = PROFILING is not None and self.system.name == "spinbroker"
+        if PROFILING is not None and self.profiled:
+            argv = PROFILING.wrap(argv)
         log = os.path.join(self.root, "server.log")
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
@@ -195,13 +226,15 @@ class Server:
             return
         self.proc.send_signal(sig)
         try:
-            self.proc.wait(STOP_TIMEOUT_S)
+            # A profiled broker writes its profile after its final snapshot.
+            self.proc.wait(STOP_TIMEOUT_S * (6 if self.profiled else 1))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
 
     def remove(self) -> None:
-        self.stop(signal.SIGKILL)  # the data is thrown away: no clean shutdown to wait for
+        # The data is thrown away: no clean shutdown to wait for, unless a profile is due.
+        self.stop(signal.SIGTERM if self.profiled else signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> Server:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pstats
 import shutil
 import subprocess
 import sys
@@ -63,3 +64,26 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
     assert doc["meta"]["payload_bytes"] == 100
     assert {t["target"] for t in doc["targets"]}, "the targets table is empty"
     assert "| case | system |" in out.with_suffix(".md").read_text()
+
+
+def test_profile_writes_one_cprofile_per_broker_start(tmp_path: Path) -> None:
+    """`--profile DIR` runs spinbroker under cProfile; each start leaves a profile of the
+    broker's own code, named after its case."""
+    profiles = tmp_path / "profiles"
+    run = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench", "--smoke", "--only", "produce"),
+            *("--systems", "spinbroker", "--filter", "unpipelined x1 "),
+            *("--out", str(tmp_path / "r.json"), "--profile", str(profiles)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    written = sorted(p.name for p in profiles.iterdir())
+    assert written == ["produce-unpipelined-x1-spinbroker-none-unix-run-1-1.prof"], written
+    stats = pstats.Stats(str(profiles / written[0]))
+    functions = {name for _, _, name in stats.stats}  # type: ignore[attr-defined]
+    assert {"after_batch", "data_received", "submit"} <= functions
