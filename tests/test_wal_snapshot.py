@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from spinbroker.wal import Wal, WalCorruption
+from spinbroker.wal.files import write_file_durably
 from spinbroker.wal.memfiles import MemoryFiles
 from spinbroker.wal.repair import repair
 from spinbroker.wal.snapshot import encode_snapshot, snapshot_name
@@ -217,3 +218,22 @@ async def test_repair_prefers_a_snapshot_past_the_cut() -> None:
     assert snapshot is not None and snapshot.lsn == 30 and list(records) == []
     assert wal.append(b"next") == 31
     await wal.close()
+
+
+def test_a_big_file_is_written_and_synced_a_piece_at_a_time() -> None:
+    """`write_file_durably(..., sync_every=n)`: each n-byte piece is durable before the next
+    is written (a snapshot must not hold the disk's write-back queue, and with it the
+    log's fsyncs, for its whole size), and the whole file is synced at the end."""
+    fs = MemoryFiles()
+    fs.makedirs(Path("/d"))
+    order: list[str] = []
+    for op in ("write", "datasync", "sync"):
+        fs.hooks[op] = lambda path, op=op: order.append(op)  # type: ignore[misc]
+    data = bytes(range(10))
+    write_file_durably(fs, Path("/d/f"), data, sync_every=4)
+    assert order == ["write", "datasync", "write", "datasync", "write", "sync"]
+    assert fs.read(Path("/d/f")) == data
+    order.clear()
+    write_file_durably(fs, Path("/d/g"), data)  # in one piece by default
+    assert order == ["write", "sync"]
+    assert fs.read(Path("/d/g")) == data

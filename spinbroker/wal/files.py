@@ -19,7 +19,7 @@ from typing import Protocol
 class WalFile(Protocol):
     """An open file. Writes go to explicit offsets; nothing is durable until a sync."""
 
-    def pwrite(self, data: bytes, offset: int) -> None:
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         """Write all of `data` at `offset` or raise OSError (a short write is retried)."""
 
     def datasync(self) -> None:
@@ -72,7 +72,7 @@ class OsFile:
     def __init__(self, fd: int) -> None:
         self._fd = fd
 
-    def pwrite(self, data: bytes, offset: int) -> None:
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data)
         while view:
             written = os.pwrite(self._fd, view, offset)
@@ -140,11 +140,22 @@ class OsFiles:
             self.sync_dir(new.parent)
 
 
-def write_file_durably(files: FileLayer, path: Path, data: bytes) -> None:
-    """Create `path` (which must not exist) holding `data`, synced. Its name is not yet durable."""
+def write_file_durably(files: FileLayer, path: Path, data: bytes, sync_every: int = 0) -> None:
+    """Create `path` (which must not exist) holding `data`, synced. Its name is not yet durable.
+
+    With `sync_every`, the data goes out in pieces of that many bytes, each made durable
+    before the next is written. A big file then never fills the disk's write-back queue
+    for long: on ext4 (data=ordered) a journal commit first writes out the new data of
+    every file in it, so the log's fdatasync, and every acknowledgement behind it, would
+    otherwise wait for the whole file."""
     handle = files.create(path)
     try:
-        handle.pwrite(data, 0)
+        view, size = memoryview(data), len(data)
+        step = sync_every if sync_every > 0 else max(size, 1)
+        for offset in range(0, size, step):
+            handle.pwrite(view[offset : offset + step], offset)
+            if offset + step < size:
+                handle.datasync()
         handle.sync()
     finally:
         handle.close()

@@ -82,14 +82,14 @@ class MemoryFile:
         self._inode = inode
         self._path = path
 
-    def pwrite(self, data: bytes, offset: int) -> None:
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         with self._fs._call("write", self._path) as fault:
             if fault is not None:
                 self._write(data[: fault.partial], offset)
                 raise _error(fault, self._path)
             self._write(data, offset)
 
-    def _write(self, data: bytes, offset: int) -> None:
+    def _write(self, data: bytes | memoryview, offset: int) -> None:
         inode = self._inode
         if offset > len(inode.data):
             inode.data.extend(bytes(offset - len(inode.data)))
