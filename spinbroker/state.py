@@ -227,7 +227,8 @@ def _build(broker: Broker, packages: Iterable[list[Any]]) -> list[Command]:
                 q.leased += 1
                 if deadline is not None:
                     broker.schedule_lease_expiry(cmd, deadline)
-        pkg.commands, pkg.unsettled, pkg.cancelled_any = pkg_commands, unsettled, cancelled_any
+        pkg.commands = tuple(pkg_commands) if enqueued else pkg_commands
+        pkg.unsettled, pkg.cancelled_any = unsettled, cancelled_any
     return waiting
 
 

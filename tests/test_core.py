@@ -12,6 +12,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from spinbroker import state
 from spinbroker.config import Limits
 from spinbroker.core import Broker, Command, NewCommand, Waiter
 from spinbroker.errors import BrokerError, ErrorCode
@@ -1253,3 +1254,26 @@ def test_the_one_command_submit_fast_path_builds_what_the_general_path_builds() 
     assert fp == gp
     q = f_cmd.queue
     assert (q.ready, list(q.ready_line), q.ready_heap) == (1, [f_cmd], [])
+
+
+def test_a_package_holds_its_commands_in_a_tuple_once_enqueued() -> None:
+    """Open, a package's commands are a list that ADD appends to; enqueued they are final
+    and held in a tuple (48 bytes for one command instead of 80); ADD is refused then."""
+    h = Harness()
+    pid = h.new()
+    a, b = h.add(pid, nc(), nc())
+    assert isinstance(h.b.packages[pid].commands, list)
+    h.b.enqueue(pid, h.now)
+    pkg = h.b.packages[pid]
+    assert isinstance(pkg.commands, tuple) and [c.id for c in pkg.commands] == [a, b]
+    assert_refused(h, ErrorCode.NOT_OPEN, h.add, pid, nc())
+    one, _ = h.submit(nc())
+    assert isinstance(h.b.packages[one].commands, tuple)
+    two, _ = h.submit(nc(), nc())
+    assert isinstance(h.b.packages[two].commands, tuple)
+    restored = state.load_packed(msgpack.packb(state.dump(h.b), use_bin_type=True), h.b.limits)
+    assert all(isinstance(p.commands, tuple) for p in restored.packages.values())
+    open_pid = h.new()
+    h.add(open_pid, nc())
+    restored = state.load_packed(msgpack.packb(state.dump(h.b), use_bin_type=True), h.b.limits)
+    assert isinstance(restored.packages[open_pid].commands, list)
