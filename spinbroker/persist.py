@@ -190,7 +190,7 @@ class Snapshotter:
         layer than the real one (tests) cannot be written from a child: serialise inline."""
         loop = asyncio.get_running_loop()
         if not isinstance(self.wal.files, OsFiles):
-            body = msgpack.packb(state.dump(broker), use_bin_type=True)
+            body = state.dump_packed(broker)
             self.running = loop.create_task(self._store(lsn, body))
             return self.running
         started = time.monotonic()
@@ -246,7 +246,7 @@ class Snapshotter:
             await asyncio.wait([self.running])
         if lsn <= self.last_lsn:
             return
-        body = msgpack.packb(state.dump(broker), use_bin_type=True)
+        body = state.dump_packed(broker)
         await self.wal.write_snapshot(lsn, body)
         self.last_lsn = lsn
         self.taken += 1
@@ -261,7 +261,7 @@ def _fork_writer(broker: Broker, directory: Path, lsn: int) -> int:
     code = 1
     try:
         detach_forked_child()
-        body = msgpack.packb(state.dump(broker), use_bin_type=True)
+        body = state.dump_packed(broker)
         write_snapshot_tmp(OsFiles(), directory, lsn, body)
         code = 0
     except BaseException:

@@ -86,6 +86,12 @@ def load(
     return broker
 
 
+def dump_packed(broker: Broker) -> bytes:
+    """`dump` as the msgpack bytes a snapshot holds (what `load_packed` reads)."""
+    body: bytes = msgpack.packb(dump(broker), use_bin_type=True)
+    return body
+
+
 def load_packed(
     body: bytes | memoryview,
     limits: Limits | None = None,

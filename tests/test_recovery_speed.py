@@ -271,16 +271,11 @@ def test_halfway_splits_by_bytes() -> None:
     assert recovery._halfway(segments(1, 1, 100)) == 2
 
 
-def packed(broker: Broker) -> bytes:
-    data: bytes = msgpack.packb(state.dump(broker), use_bin_type=True)
-    return data
-
-
 @settings(max_examples=100, deadline=None)
 @given(st.data())
 def test_load_packed_builds_what_load_builds(data: st.DataObject) -> None:
     live = run_workload(data)
-    body = packed(live)
+    body = state.dump_packed(live)
     image = msgpack.unpackb(body, raw=False, strict_map_key=False)
     whole = state.load(image, LIMITS)
     streamed = state.load_packed(memoryview(body), LIMITS)
@@ -308,7 +303,7 @@ def test_load_packed_refuses_what_is_not_one_state(body: bytes) -> None:
 
 def test_load_packed_of_an_empty_broker() -> None:
     empty = Broker(LIMITS)
-    assert observable(state.load_packed(packed(empty), LIMITS)) == observable(empty)
+    assert observable(state.load_packed(state.dump_packed(empty), LIMITS)) == observable(empty)
 
 
 @settings(max_examples=100, deadline=None)
@@ -323,7 +318,7 @@ def test_replay_and_snapshot_load_leave_no_cyclic_garbage(data: st.DataObject) -
         replayed = Broker(LIMITS)
         for wire in log:
             replayed.apply(records.from_wire(msgpack.unpackb(wire, strict_map_key=False)))
-        restored = state.load_packed(packed(replayed), LIMITS)
+        restored = state.load_packed(state.dump_packed(replayed), LIMITS)
         garbage = gc.collect()
     finally:
         gc.enable()
@@ -342,7 +337,7 @@ async def test_recover_counts_the_records_after_the_snapshot() -> None:
     snapshot_at = Broker(LIMITS)
     for rec in live.outbox[:12]:
         snapshot_at.apply(rec)
-    await wal.write_snapshot(12, packed(snapshot_at))
+    await wal.write_snapshot(12, state.dump_packed(snapshot_at))
     await wal.close()
     wal = open_wal(fs)
     recovered, report = persist.recover(wal, LIMITS, None, 100.0)
