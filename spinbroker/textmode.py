@@ -307,23 +307,23 @@ def _add(cur: _Cursor) -> dict[str, Any]:
     }
 
 
-def _submit(cur: _Cursor) -> dict[str, Any]:
+def _last_json(cur: _Cursor, kind: type, what: str) -> Any:
+    """The line's last token: one JSON value of `kind` (list or dict)."""
     tok = cur.next()
-    if tok is None or not (tok.quoted and tok.key is None and isinstance(tok.value, list)):
+    if tok is None or not (tok.quoted and tok.key is None and isinstance(tok.value, kind)):
         got = "nothing" if tok is None else repr(tok.text)
-        raise _bad(f"expected a JSON list of commands, got {got}")
+        raise _bad(f"expected {what}, got {got}")
     cur.end()
-    return {"commands": tok.value}
+    return tok.value
+
+
+def _submit(cur: _Cursor) -> dict[str, Any]:
+    return {"commands": _last_json(cur, list, "a JSON list of commands")}
 
 
 def _announce(cur: _Cursor) -> dict[str, Any]:
     resource = _positional(cur.next(), "<resource>")
-    tok = cur.next()
-    if tok is None or not (tok.quoted and tok.key is None and isinstance(tok.value, dict)):
-        got = "nothing" if tok is None else repr(tok.text)
-        raise _bad(f"expected a JSON schema map, got {got}")
-    cur.end()
-    return {"resource": resource, "schema": tok.value}
+    return {"resource": resource, "schema": _last_json(cur, dict, "a JSON schema map")}
 
 
 def _status(cur: _Cursor) -> dict[str, Any]:
