@@ -199,9 +199,10 @@ class Server:
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         argv = self.system.command(self.level, self) + self.extra
-        self.profiled = PROFILING is not None and self.system.name == "spinbroker"
-        if PROFILING is not None and self.profiled:
-            argv = PROFILING.wrap(argv)
+        profiling = PROFILING if self.system.name == "spinbroker" else None
+        self.profiled = profiling is not None
+        if profiling is not None:
+            argv = profiling.wrap(argv)
         log = os.path.join(self.root, "server.log")
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)

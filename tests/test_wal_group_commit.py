@@ -242,6 +242,10 @@ async def test_on_commit_is_told_of_a_failed_sync() -> None:
     await wal.close()
 
 
+def running(name: str) -> bool:
+    return any(t.name == name for t in threading.enumerate())
+
+
 async def test_io_thread_runs_jobs_in_order_off_the_loop_and_reports_on_it() -> None:
     io = IoThread("test-io")
     loop = asyncio.get_running_loop()
@@ -272,14 +276,14 @@ async def test_io_thread_runs_jobs_in_order_off_the_loop_and_reports_on_it() -> 
     await io.run(job, 7)
     assert ran[-1] == (7, "test-io")
     io.stop()
-    assert not any(t.name == "test-io" for t in threading.enumerate())
+    assert not running("test-io")
 
 
 async def test_io_thread_starts_with_its_first_job_and_stops_idle() -> None:
     io = IoThread("test-io-lazy")
-    assert not any(t.name == "test-io-lazy" for t in threading.enumerate())
+    assert not running("test-io-lazy")
     io.stop()  # never started: nothing to end
     await io.run(lambda: None)
-    assert any(t.name == "test-io-lazy" for t in threading.enumerate())
+    assert running("test-io-lazy")
     io.stop()
-    assert not any(t.name == "test-io-lazy" for t in threading.enumerate())
+    assert not running("test-io-lazy")
