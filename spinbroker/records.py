@@ -148,6 +148,14 @@ Record = (
 )
 
 
+#: The tag of the commonest record: a `PackageSubmitted` of one command without
+#: dependencies, flat: [tag, package, command id, resource, action, parameters, at]. Its
+#: fields after the tag are `Broker.apply_submitted_one`'s arguments in order, so that
+#: replay applies it without building the record (persist.py). Logs written before it
+#: existed hold the nested "submitted" form, which still decodes.
+SUBMITTED_ONE = "submitted1"
+
+
 def to_wire(rec: Record) -> list[Any]:
     """The msgpack-able form of a record: [tag, field, ...]."""
     match rec:
@@ -158,6 +166,9 @@ def to_wire(rec: Record) -> list[Any]:
         case PackageEnqueued(p, at):
             return ["enqueued", p, at]
         case PackageSubmitted(p, cmds, at):
+            if len(cmds) == 1 and not cmds[0].dependencies:
+                c = cmds[0]
+                return [SUBMITTED_ONE, p, c.id, c.resource, c.action, c.parameters, at]
             return ["submitted", p, [c.to_wire() for c in cmds], at]
         case CommandLeased(c, delivery, owner, deadline, at, ttr):
             return ["leased", c, delivery, owner, deadline, at, ttr]
@@ -203,6 +214,17 @@ def _submitted(w: list[Any]) -> PackageSubmitted:
     return rec
 
 
+def _submitted_one(w: list[Any]) -> PackageSubmitted:
+    if len(w) != 7:
+        raise ValueError(f"malformed record {w!r}: {len(w)} fields, expected 7")
+    spec = _new(CommandSpec)
+    spec.id, spec.resource, spec.action, spec.parameters = w[2], w[3], w[4], w[5]
+    spec.dependencies = ()
+    rec = _new(PackageSubmitted)
+    rec.package, rec.commands, rec.at = w[1], (spec,), w[6]
+    return rec
+
+
 def _leased(w: list[Any]) -> CommandLeased:
     rec = _new(CommandLeased)
     rec.command, rec.delivery, rec.owner, rec.deadline = w[1], w[2], w[3], w[4]
@@ -218,6 +240,7 @@ def _completed(w: list[Any]) -> CommandCompleted:
 
 #: One decoder per tag: a dict lookup rather than a chain of comparisons.
 _DECODERS: dict[str, Callable[[list[Any]], Record]] = {
+    SUBMITTED_ONE: _submitted_one,
     "submitted": _submitted,
     "leased": _leased,
     "completed": _completed,
@@ -231,22 +254,6 @@ _DECODERS: dict[str, Callable[[list[Any]], Record]] = {
     "forgotten": lambda w: PackageForgotten(w[1], w[2]),
     "announced": lambda w: SchemaAnnounced(w[1], w[2], w[3]),
 }
-
-
-def one_command_submit(w: list[Any]) -> tuple[str, str, str, str, bytes, float] | None:
-    """For a `PackageSubmitted` of one command without dependencies in the shape `to_wire`
-    makes, (package, command id, resource, action, parameters, at): what
-    `Broker.apply_submitted_one` takes, so that replay applies the commonest record without
-    building it. None for anything else (which `from_wire` decodes and checks)."""
-    if len(w) != 4 or w[0] != "submitted":
-        return None
-    commands = w[2]
-    if type(commands) is not list or len(commands) != 1:
-        return None
-    c = commands[0]
-    if type(c) is not list or len(c) != 5 or c[4] != []:
-        return None
-    return w[1], c[0], c[1], c[2], c[3], w[3]
 
 
 def from_wire(w: list[Any]) -> Record:

@@ -8,6 +8,7 @@ import msgpack
 import pytest
 
 from spinbroker.records import (
+    SUBMITTED_ONE,
     CommandCompleted,
     CommandLeased,
     CommandsAdded,
@@ -47,6 +48,7 @@ RECORDS: list[Record] = [
     CommandsAdded("p-1", (), 2.0),
     PackageEnqueued("p-1", 3.0),
     PackageSubmitted("p-2", (SPEC_A, SPEC_B), 4.25),
+    PackageSubmitted("p-4", (SPEC_A,), 4.5),
     CommandLeased("c-1", 1, 7, None, 5.0),
     CommandLeased("c-1", 3, None, 35.5, 5.5),
     LeaseTouched("c-1", 60.0, 30.0),
@@ -80,6 +82,18 @@ def test_every_record_type_is_covered() -> None:
 def test_wire_tags_are_distinct() -> None:
     tags = {type(r): to_wire(r)[0] for r in RECORDS}
     assert len(set(tags.values())) == len(tags)
+
+
+def test_a_one_command_submit_is_logged_flat_and_the_nested_form_still_decodes() -> None:
+    """The commonest record has a flat form whose fields replay hands straight to
+    `Broker.apply_submitted_one`; logs written before it hold the nested form."""
+    rec = PackageSubmitted("p-4", (SPEC_A,), 4.5)
+    flat = to_wire(rec)
+    assert flat == [SUBMITTED_ONE, "p-4", "c-1", "storage", "add_volume", {"path": "test"}, 4.5]
+    nested = ["submitted", "p-4", [SPEC_A.to_wire()], 4.5]
+    assert from_wire(through_msgpack(nested)) == rec == from_wire(through_msgpack(flat))
+    with_dependency = PackageSubmitted("p-5", (SPEC_B,), 4.5)
+    assert to_wire(with_dependency)[0] == "submitted"
 
 
 def test_parameter_types_survive() -> None:
@@ -117,6 +131,7 @@ def test_unknown_tag_is_a_value_error() -> None:
         ["added", "p", [["c-1", "r"]], 1.0],
         ["leased", "c", 1],
         ["completed", "c", True],
+        [SUBMITTED_ONE, "p", "c", "r", "a", b"\x80"],
         None,
     ],
     ids=repr,

@@ -374,7 +374,31 @@ def test_replay_gives_the_state_applying_every_record_gives(data: st.DataObject)
     assert replayed.next_order == live.next_order
 
 
-def test_replay_sends_a_malformed_submit_to_the_checked_decoder() -> None:
-    body = msgpack.packb(["submitted", "p1", [["c1", "r", "run", b"\x80", None]], 1.0])
+@pytest.mark.parametrize(
+    "wire",
+    [
+        [records.SUBMITTED_ONE, "p1", "c1", "r", "run", b"\x80"],
+        [records.SUBMITTED_ONE, "p1", "c1", "r", "run", b"\x80", 1.0, "extra"],
+        ["submitted", "p1", [["c1", "r", "run", b"\x80", None]], 1.0],
+    ],
+    ids=["flat short", "flat long", "nested"],
+)
+def test_replay_sends_a_malformed_submit_to_the_checked_decoder(wire: list[Any]) -> None:
+    body = msgpack.packb(wire)
     with pytest.raises(ValueError):
         persist._replay(Broker(LIMITS), iter([(1, body)]), 0, 0.0, lambda: 0.0)
+
+
+def test_replay_of_the_nested_one_command_submit_of_older_logs() -> None:
+    """A log written before the flat form holds nested one-command SUBMITs: they replay
+    through the general path to the same state as the flat form."""
+    spec = records.CommandSpec("c1", "r", "run", b"\x80", ())
+    rec = records.PackageSubmitted("p1", (spec,), 1.0)
+    flat = msgpack.packb(records.to_wire(rec))
+    nested = msgpack.packb(["submitted", "p1", [spec.to_wire()], 1.0])
+    assert flat != nested
+    brokers = [Broker(LIMITS), Broker(LIMITS)]
+    for broker, body in zip(brokers, (flat, nested), strict=True):
+        assert persist._replay(broker, iter([(1, body)]), 0, 0.0, lambda: 0.0) == 1
+    assert observable(brokers[0]) == observable(brokers[1])
+    assert brokers[0].commands["c1"].state == brokers[1].commands["c1"].state
