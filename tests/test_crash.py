@@ -22,7 +22,12 @@ import pytest
 
 from spinbroker.client import Client, NotFound
 from spinbroker.wal.files import OsFiles
-from spinbroker.wal.frame import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, read_records
+from spinbroker.wal.frame import (
+    RECORD_HEADER_SIZE,
+    SEGMENT_HEADER_SIZE,
+    frame_end,
+    read_frames,
+)
 from spinbroker.wal.segment import list_segments
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,9 +125,10 @@ async def _corrupt_repair_restart(broker: crashtest.Broker) -> None:
     assert len(segments) >= 3, segments
     first_lsn, path = segments[1]
     data = bytearray(path.read_bytes())
-    records = list(read_records(bytes(data), SEGMENT_HEADER_SIZE, first_lsn, len(data)))
-    offset, lsn, body = records[len(records) // 2]
-    data[offset + RECORD_HEADER_SIZE + len(body) // 2] ^= 0xFF  # a body checksum failure
+    frames = list(read_frames(bytes(data), SEGMENT_HEADER_SIZE, first_lsn, len(data)))
+    offset, lsn, _ = frames[len(frames) // 2]
+    body_start = offset + RECORD_HEADER_SIZE
+    data[(body_start + frame_end(data, offset)) // 2] ^= 0xFF  # a body checksum failure
     path.write_bytes(bytes(data))
 
     code, err = await _serve_fails(broker.data_dir, broker.socket)

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
+from crc32c import crc32c
 
 from spinbroker.wal.frame import (
+    BATCH,
+    MAX_BATCH_BYTES,
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
     BadSegmentHeader,
     Found,
     decode_record,
     decode_segment_header,
+    encode_batch,
+    encode_frames,
     encode_record,
     encode_segment_header,
+    frame_records,
 )
-from spinbroker.wal.reader import SECTOR, RecordError, iter_records, scan_segment
+from spinbroker.wal.reader import SECTOR, RecordError, iter_checked, iter_records, scan_segment
 
 
 def test_record_roundtrip() -> None:
@@ -120,3 +128,107 @@ def test_iter_records_refuses_changed_bytes() -> None:
     data[-1] ^= 1
     with pytest.raises(RecordError):
         list(iter_records(bytes(data), 5, end))
+
+
+# -- batch frames: many records, one header -----------------------------------------------
+
+BODIES = [b"first", b"", b"third record", bytes(range(200))]
+
+
+def _records_of(data: bytes, offset: int, lsn: int) -> list[tuple[int, bytes]]:
+    return [(n, data[a:b]) for n, a, b in frame_records(data, offset, lsn)]
+
+
+def test_batch_roundtrip() -> None:
+    frame = encode_batch(9, BODIES)
+    decoded = decode_record(frame, 0)
+    assert decoded.found is Found.RECORD
+    assert (decoded.lsn, decoded.count, decoded.end) == (9, 4, len(frame))
+    assert _records_of(frame, 0, 9) == list(enumerate(BODIES, 9))
+    # one header and a 4-byte length per record, not a 20-byte header per record
+    assert len(frame) == RECORD_HEADER_SIZE + 4 + 4 * len(BODIES) + sum(map(len, BODIES))
+
+
+def test_every_prefix_of_a_batch_is_short() -> None:
+    frame = encode_batch(3, BODIES)
+    for cut in range(len(frame)):
+        assert decode_record(frame[:cut], 0).found is Found.SHORT, cut
+
+
+def test_every_flipped_bit_of_a_batch_is_detected() -> None:
+    frame = encode_batch(3, BODIES[:3])
+    for bit in range(len(frame) * 8):
+        damaged = bytearray(frame)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        found = decode_record(bytes(damaged), 0).found
+        expected = Found.BAD_BODY if bit >= RECORD_HEADER_SIZE * 8 else Found.BAD_HEADER
+        assert found is expected, bit
+
+
+def _with_body(lsn: int, body: bytes) -> bytes:
+    """A batch frame around `body` as is, with sound checksums (what a buggy writer makes)."""
+    head = struct.pack("<IQI", len(body) | BATCH, lsn, crc32c(body))
+    return head + struct.pack("<I", crc32c(head)) + body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",  # no count
+        struct.pack("<I", 0),  # no records
+        struct.pack("<II", 1, 5) + b"abcd",  # lengths sum to more than the body
+        struct.pack("<II", 1, 3) + b"abcd",  # ... or to less
+        struct.pack("<I", 1000) + b"abcd",  # a table longer than the body
+    ],
+    ids=["empty", "count 0", "too short", "too long", "table past the end"],
+)
+def test_a_batch_whose_table_does_not_add_up_is_corruption(body: bytes) -> None:
+    frame = _with_body(6, body)
+    assert decode_record(frame, 0).found is Found.BAD_BATCH
+    data = _segment(1) + frame + bytes(SECTOR)
+    scan = scan_segment(data, 5)
+    assert scan.records == 1 and scan.damage is not None
+    assert not scan.damage.torn and scan.damage.offset == len(_segment(1))
+    assert "bad table" in scan.damage.detail
+
+
+def test_scan_and_iterators_walk_single_and_batch_frames() -> None:
+    data = (
+        encode_segment_header(5)
+        + encode_record(5, b"one")
+        + encode_batch(6, BODIES)
+        + encode_record(10, b"after")
+        + encode_batch(11, [b"x", b"y"])
+    )
+    scan = scan_segment(data + bytes(100), 5)
+    assert (scan.records, scan.next_lsn, scan.end, scan.damage) == (8, 13, len(data), None)
+    expected = [(5, b"one"), *enumerate(BODIES, 6), (10, b"after"), (11, b"x"), (12, b"y")]
+    assert list(iter_records(data, 5, scan.end)) == expected
+    assert list(iter_checked(data, 5, scan.end, 5)) == expected
+    # a snapshot may cover part of a batch: the rest of it is still replayed
+    assert list(iter_checked(data, 5, scan.end, 8)) == expected[3:]
+
+
+def test_a_torn_batch_at_the_end_is_cut_whole() -> None:
+    good = _segment(2)
+    batch = encode_batch(7, [bytes(range(256)) * 4] * 3)
+    data = bytearray(good + batch)
+    first_full_sector = (len(good) // SECTOR + 1) * SECTOR
+    data[first_full_sector : first_full_sector + SECTOR] = bytes(SECTOR)
+    scan = scan_segment(bytes(data), 5)
+    assert scan.records == 2 and scan.end == len(good)
+    assert scan.damage is not None and scan.damage.torn
+
+
+def test_encode_frames_batches_runs_and_keeps_a_lone_record_single() -> None:
+    assert encode_frames(4, [b"lone"]) == [encode_record(4, b"lone")]
+    assert encode_frames(4, [b"a", b"b"]) == [encode_batch(4, [b"a", b"b"])]
+    third = MAX_BATCH_BYTES // 3
+    big = bytes(MAX_BATCH_BYTES + 1)
+    bodies = [bytes(third)] * 4 + [big, b"z"]
+    frames = encode_frames(1, bodies)
+    # three thirds fit a frame; the fourth starts the next; the big one goes alone
+    assert [decode_record(f, 0).count for f in frames] == [3, 1, 1, 1]
+    assert [decode_record(f, 0).lsn for f in frames] == [1, 4, 5, 6]
+    data = encode_segment_header(1) + b"".join(frames)
+    assert [b for _, b in iter_records(data, 1, len(data))] == bodies

@@ -13,7 +13,10 @@ import pytest
 
 from spinbroker.wal import Wal, WalWriteError
 from spinbroker.wal.files import OsFiles, WalFile
+from spinbroker.wal.frame import SEGMENT_HEADER_SIZE, read_frames
 from spinbroker.wal.memfiles import MemoryFiles
+from spinbroker.wal.reader import iter_records, scan_segment
+from spinbroker.wal.segment import segment_name
 from spinbroker.wal.writer import IoThread
 
 D = Path("/data/wal")
@@ -70,6 +73,13 @@ async def test_appends_during_a_flush_share_the_next_one() -> None:
     await asyncio.gather(first, *later)
     assert fs.calls["datasync"] - syncs == 2
     await wal.close()
+    # each flush wrote one frame: the lone first record, then the 99 as one batch
+    data = fs.read(D / segment_name(1))
+    frames = read_frames(data, SEGMENT_HEADER_SIZE, 1, len(data))
+    assert [(lsn, count) for _, lsn, count in frames] == [(1, 1), (2, 99)]
+    assert [lsn for lsn, _ in iter_records(data, 1, scan_segment(data, 1).end)] == list(
+        range(1, 101)
+    )
 
 
 async def test_stats_count_syncs_and_the_records_they_made_durable() -> None:

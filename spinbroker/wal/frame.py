@@ -1,22 +1,33 @@
-"""The on-disk layout of one record and of a segment header: bytes in, bytes out.
+"""The on-disk layout of record frames and of a segment header: bytes in, bytes out.
 
-Holds the encoder and a decoder for record frames and for the header that opens every
-segment file. The decoder says what it found at an offset (a record, zeros, a short frame,
-a bad header or body); deciding whether that is a torn tail or corruption is reader.py's job.
-Pure: must never touch files, clocks or logging, and never know what a body means.
+Holds the encoders and a decoder for frames and for the header that opens every segment
+file. The decoder says what it found at an offset (a frame, zeros, a short frame, a bad
+header, body or batch table); deciding whether that is a torn tail or corruption is
+reader.py's job. Pure: must never touch files, clocks or logging, and never know what a
+record body means.
 
-Record frame, little-endian, 20-byte header then the body:
+A frame holds one record, or a batch of records written together (one group-commit flush):
+one header and two checksums for all of them, so writing and checking cost per flush, not
+per record. Little-endian, a 20-byte header then the body:
 
-    0   u32  length     body length in bytes
-    4   u64  lsn        log sequence number, 1, 2, 3, ... with no gaps
+    0   u32  length     body length in bytes; bit 31 (BATCH) set for a batch frame
+    4   u64  lsn        LSN of the (first) record; LSNs run 1, 2, 3, ... with no gaps
     12  u32  body_crc   CRC32C of the body
     16  u32  head_crc   CRC32C of bytes 0..16
     20  ...  body
+
+The body of a single frame is the record. The body of a batch frame is a table, then the
+records back to back, the i-th having LSN `lsn + i`:
+
+    0   u32       count     records in the frame (at least 1)
+    4   count u32 lengths   each record's length in bytes (they sum to the rest)
 
 `head_crc` lets the decoder trust `length` before reading the body, so a flipped bit in a
 length can never pass for a record that runs off the end of the file (a torn tail).
 An all-zero header is never valid (its head_crc would be CRC32C(16 zero bytes) != 0), so
 zero-filled preallocated space is told apart from a record by its header alone.
+A frame is written whole or torn whole: a crash keeps all of a batch or none of it, and no
+record of it was acknowledged before the whole frame was durable.
 
 Segment header, 24 bytes at offset 0 of every `wal-<first lsn>.log`:
 
@@ -29,7 +40,7 @@ Segment header, 24 bytes at offset 0 of every `wal-<first lsn>.log`:
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -37,6 +48,11 @@ from crc32c import crc32c
 
 RECORD_HEADER_SIZE = 20
 MAX_BODY = 1 << 30
+#: Flag in a header's length word: the body is a batch of records (see above).
+BATCH = 1 << 31
+#: `encode_frames` starts a new batch frame past this many bytes of records.
+MAX_BATCH_BYTES = 1 << 20
+_COUNT = struct.Struct("<I")
 _HEAD = struct.Struct("<IQI")
 _HEAD_CRC = struct.Struct("<I")
 _RECORD_HEADER = struct.Struct("<IQII")
@@ -58,6 +74,60 @@ def encode_record(lsn: int, body: bytes) -> bytes:
     return head + _HEAD_CRC.pack(crc32c(head)) + body
 
 
+def encode_batch(first_lsn: int, bodies: Sequence[bytes]) -> bytes:
+    """One batch frame holding `bodies` (LSNs first_lsn, first_lsn + 1, ...)."""
+    count = len(bodies)
+    body = b"".join((_COUNT.pack(count), struct.pack(f"<{count}I", *map(len, bodies)), *bodies))
+    if len(body) > MAX_BODY:
+        raise ValueError(f"batch of {len(body)} bytes exceeds {MAX_BODY}")
+    head = _HEAD.pack(len(body) | BATCH, first_lsn, crc32c(body))
+    return head + _HEAD_CRC.pack(crc32c(head)) + body
+
+
+def encode_frames(first_lsn: int, bodies: Sequence[bytes]) -> list[bytes]:
+    """The frames for `bodies`, in order: a lone record in a single frame, runs of records
+    in batch frames of about MAX_BATCH_BYTES at most (a record bigger than that alone)."""
+    frames: list[bytes] = []
+    start, size, lsn = 0, 0, first_lsn
+    for index, body in enumerate(bodies):
+        if size and size + len(body) > MAX_BATCH_BYTES:
+            frames.append(_frame(lsn, bodies[start:index]))
+            lsn += index - start
+            start, size = index, 0
+        size += len(body)
+    if start < len(bodies):
+        frames.append(_frame(lsn, bodies[start:]))
+    return frames
+
+
+def _frame(lsn: int, bodies: Sequence[bytes]) -> bytes:
+    return encode_record(lsn, bodies[0]) if len(bodies) == 1 else encode_batch(lsn, bodies)
+
+
+def batch_count(data: bytes | memoryview, start: int, length: int) -> int | None:
+    """The record count of the batch body at data[start:start + length], if its table is
+    sound (a count of at least 1, lengths that add up to the body); None if not."""
+    if length < _COUNT.size:
+        return None
+    (count,) = _COUNT.unpack_from(data, start)
+    table = _COUNT.size * (count + 1)
+    if count < 1 or table > length:
+        return None
+    lengths = struct.unpack_from(f"<{count}I", data, start + _COUNT.size)
+    return count if sum(lengths) == length - table else None
+
+
+def batch_records(data: bytes, start: int, lsn: int) -> Iterator[tuple[int, int, int]]:
+    """(lsn, start, stop) of each record of the batch body at `start` of `data`, whose
+    table `batch_count` found sound."""
+    (count,) = _COUNT.unpack_from(data, start)
+    offset = start + _COUNT.size * (count + 1)
+    for length in struct.unpack_from(f"<{count}I", data, start + _COUNT.size):
+        yield lsn, offset, offset + length
+        offset += length
+        lsn += 1
+
+
 class Found(Enum):
     """What `decode_record` found at an offset."""
 
@@ -70,17 +140,23 @@ class Found(Enum):
     BAD_HEADER = "bad header"
     #: The header is sound but the body fails its checksum.
     BAD_BODY = "bad body"
+    #: A batch frame whose checksums pass but whose table does not describe its body:
+    #: written so, not torn (a torn write fails a checksum).
+    BAD_BATCH = "bad batch table"
 
 
 @dataclass(frozen=True, slots=True)
 class Decoded:
     found: Found
     offset: int
-    #: Past the record for RECORD; past its claimed extent for SHORT/BAD_BODY when the
-    #: header is sound; offset + header size otherwise (clamped to the data).
+    #: Past the frame for RECORD; past its claimed extent for SHORT/BAD_BODY/BAD_BATCH
+    #: when the header is sound; offset + header size otherwise (clamped to the data).
     end: int
     lsn: int = 0
+    #: The frame's body: the record, or for a batch frame its table and records.
     body: memoryview | None = None
+    #: Records in the frame (1 for a single frame).
+    count: int = 1
 
 
 def decode_record(data: bytes | memoryview, offset: int) -> Decoded:
@@ -92,8 +168,9 @@ def decode_record(data: bytes | memoryview, offset: int) -> Decoded:
     header = bytes(data[offset:head_end])
     if header == _ZERO_HEADER:
         return Decoded(Found.ZEROS, offset, head_end)
-    length, lsn, body_crc = _HEAD.unpack_from(header)
+    word, lsn, body_crc = _HEAD.unpack_from(header)
     (head_crc,) = _HEAD_CRC.unpack_from(header, 16)
+    length = word & ~BATCH
     if crc32c(header[:16]) != head_crc or length > MAX_BODY:
         return Decoded(Found.BAD_HEADER, offset, head_end, lsn)
     end = head_end + length
@@ -102,32 +179,52 @@ def decode_record(data: bytes | memoryview, offset: int) -> Decoded:
     body = memoryview(data)[head_end:end]
     if crc32c(body) != body_crc:
         return Decoded(Found.BAD_BODY, offset, end, lsn)
-    return Decoded(Found.RECORD, offset, end, lsn, body)
+    if not word & BATCH:
+        return Decoded(Found.RECORD, offset, end, lsn, body)
+    count = batch_count(data, head_end, length)
+    if count is None:
+        return Decoded(Found.BAD_BATCH, offset, end, lsn)
+    return Decoded(Found.RECORD, offset, end, lsn, body, count)
 
 
-def read_records(
-    data: bytes, offset: int, lsn: int, end: int
-) -> Iterator[tuple[int, int, memoryview]]:
-    """(offset, lsn, body) of the good records in [offset, end) whose LSNs run on from
-    `lsn`; stops silently at the first frame that is not one (decode it to learn why).
-    The fast path of every scan: no objects per record beyond the body view."""
+def read_frames(data: bytes, offset: int, lsn: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(offset, lsn, count) of the good frames in [offset, end) whose LSNs run on from
+    `lsn`, each with `count` records; stops silently at the first frame that is not one
+    (decode it to learn why). The fast path of every scan: no objects per frame."""
     view = memoryview(data)
     unpack = _RECORD_HEADER.unpack_from
     end = min(end, len(data))
     while offset + RECORD_HEADER_SIZE <= end:
-        length, found_lsn, body_crc, head_crc = unpack(data, offset)
+        word, found_lsn, body_crc, head_crc = unpack(data, offset)
         if found_lsn != lsn or crc32c(view[offset : offset + 16]) != head_crc:
             return
+        length = word & ~BATCH
         start = offset + RECORD_HEADER_SIZE
         stop = start + length
-        if stop > end or length > MAX_BODY:
+        if stop > end or length > MAX_BODY or crc32c(view[start:stop]) != body_crc:
             return
-        body = view[start:stop]
-        if crc32c(body) != body_crc:
+        count = batch_count(data, start, length) if word & BATCH else 1
+        if count is None:
             return
-        yield offset, lsn, body
+        yield offset, lsn, count
         offset = stop
-        lsn += 1
+        lsn += count
+
+
+def frame_records(data: bytes, offset: int, lsn: int) -> Iterator[tuple[int, int, int]]:
+    """(lsn, start, stop) of each record of the frame at `offset`, which `read_frames` or
+    `decode_record` found good (not checked again)."""
+    word = _COUNT.unpack_from(data, offset)[0]
+    start = offset + RECORD_HEADER_SIZE
+    if word & BATCH:
+        return batch_records(data, start, lsn)
+    return iter(((lsn, start, start + word),))
+
+
+def frame_end(data: bytes, offset: int) -> int:
+    """Past the frame at `offset` (its header read as is)."""
+    word: int = _COUNT.unpack_from(data, offset)[0]
+    return offset + RECORD_HEADER_SIZE + (word & ~BATCH)
 
 
 class BadSegmentHeader(ValueError):

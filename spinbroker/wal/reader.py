@@ -16,8 +16,9 @@ How damage is classified (the decision the preallocated segments force):
   unfinished write leaves behind: sectors reach the disk whole, in any order, and unwritten
   ones read as zeros. `torn=True`. Recovery accepts this only at the end of the newest
   segment, where the write that was interrupted can only be one nobody was told succeeded.
-* Anything else (a checksum failure with no zero sector, a record with the wrong LSN, a bad
-  segment header) is corruption: a torn write cannot produce it. `torn=False`.
+* Anything else (a checksum failure with no zero sector, a record with the wrong LSN, a
+  batch table that does not describe its frame, a bad segment header) is corruption: a
+  torn write cannot produce it. `torn=False`.
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from spinbroker.wal.frame import (
+    BATCH,
     LENGTH_LSN,
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
     Found,
+    batch_records,
     decode_record,
-    read_records,
+    frame_end,
+    frame_records,
+    read_frames,
 )
 
 SECTOR = 512
@@ -76,8 +81,8 @@ class RecordError(ValueError):
 def scan_segment(data: bytes, first_lsn: int) -> SegmentScan:
     """Check every frame after the segment header; stop at the first that is not good."""
     offset, expected = SEGMENT_HEADER_SIZE, first_lsn
-    for record_offset, lsn, body in read_records(data, offset, first_lsn, len(data)):
-        offset, expected = record_offset + RECORD_HEADER_SIZE + len(body), lsn + 1
+    for frame_offset, lsn, count in read_frames(data, offset, first_lsn, len(data)):
+        offset, expected = frame_end(data, frame_offset), lsn + count
     decoded = decode_record(data, offset)
     damage = _classify(data, offset, decoded.found, decoded.end, decoded.lsn, expected)
     return SegmentScan(first_lsn, expected - first_lsn, offset, len(data), damage)
@@ -100,6 +105,9 @@ def _classify(
         present = size - offset
         detail = f"record runs past the end of the file ({end - offset} bytes, {present} present)"
         return Damage(offset, detail, True, data_end)
+    if found is Found.BAD_BATCH:
+        # Both checksums pass: the frame was written so; a torn write cannot do this.
+        return Damage(offset, f"batch frame (LSN {lsn}) with a bad table", False, data_end)
     what = "header" if found is Found.BAD_HEADER else f"body (LSN {lsn})"
     torn = has_zero_sector(data, offset, min(end, size))
     return Damage(offset, f"record {what} checksum mismatch", torn, data_end)
@@ -126,9 +134,10 @@ def iter_records(data: bytes, first_lsn: int, end: int) -> Iterator[tuple[int, b
     """(lsn, body) of every record in [segment header, end); raises RecordError if one
     fails its checks (the range was scanned good, so the file changed underneath)."""
     offset, expected = SEGMENT_HEADER_SIZE, first_lsn
-    for record_offset, lsn, body in read_records(data, offset, first_lsn, end):
-        yield lsn, bytes(body)
-        offset, expected = record_offset + RECORD_HEADER_SIZE + len(body), lsn + 1
+    for frame_offset, lsn, count in read_frames(data, offset, first_lsn, end):
+        for record_lsn, start, stop in frame_records(data, frame_offset, lsn):
+            yield record_lsn, data[start:stop]
+        offset, expected = frame_end(data, frame_offset), lsn + count
     if offset < end:
         decoded = decode_record(data, offset)
         if decoded.found is Found.RECORD:
@@ -138,22 +147,29 @@ def iter_records(data: bytes, first_lsn: int, end: int) -> Iterator[tuple[int, b
 
 def iter_checked(data: bytes, first_lsn: int, end: int, start: int) -> Iterator[tuple[int, bytes]]:
     """(lsn, body) of the records in [segment header, end) with an LSN >= `start`, from the
-    same (immutable) `data` that `scan_segment` found good up to `end`: every checksum was
-    verified there, once, so this only walks the frames (the replay's fast path). Raises
-    RecordError if the frames do not chain as that scan found them, which only a caller
-    passing other bytes or another `end` can cause."""
+    same (immutable) `data` that `scan_segment` found good up to `end`: every checksum and
+    batch table was verified there, once, so this only walks the frames (the replay's fast
+    path). Raises RecordError if the frames do not chain as that scan found them, which
+    only a caller passing other bytes or another `end` can cause."""
     unpack = LENGTH_LSN.unpack_from
     offset, expected = SEGMENT_HEADER_SIZE, first_lsn
     end = min(end, len(data))
     # Every pass moves `offset` forward by at least a header: at most `end` / 20 passes.
     while offset + RECORD_HEADER_SIZE <= end:
-        length, lsn = unpack(data, offset)
+        word, lsn = unpack(data, offset)
         body_start = offset + RECORD_HEADER_SIZE
-        stop = body_start + length
+        stop = body_start + (word & ~BATCH)
         if lsn != expected or stop > end:
-            raise RecordError(offset, f"LSN {lsn}, length {length}: not what the scan found")
-        if lsn >= start:
-            yield lsn, data[body_start:stop]
-        offset, expected = stop, lsn + 1
+            raise RecordError(offset, f"LSN {lsn}, length {word}: not what the scan found")
+        if not word & BATCH:
+            if lsn >= start:
+                yield lsn, data[body_start:stop]
+            expected = lsn + 1
+        else:
+            for record_lsn, record_start, record_stop in batch_records(data, body_start, lsn):
+                if record_lsn >= start:
+                    yield record_lsn, data[record_start:record_stop]
+                expected = record_lsn + 1
+        offset = stop
     if offset != end:
         raise RecordError(offset, f"frames end at offset {offset}, the scan found {end}")

@@ -1,10 +1,11 @@
 """Group commit: turning many `append`s into few writes and syncs, off the event loop.
 
-Holds `FsyncMode` and `GroupCommit`, the event-loop side of the log. `append` encodes a frame
-into a memory buffer and returns its LSN; it never blocks. One flush at a time runs on a
-dedicated IO thread (`SegmentWriter.flush`: one write, then one fdatasync); everything
-appended while a flush runs goes out together in the next one, so N concurrent committers
-cost about one sync per flush, not N. A flush without an fdatasync (modes `off`, and `batch`
+Holds `FsyncMode` and `GroupCommit`, the event-loop side of the log. `append` buffers a
+record body and returns its LSN; it never blocks. One flush at a time runs on a dedicated IO
+thread (`SegmentWriter.flush`: one write, then one fdatasync); everything appended while a
+flush runs goes out together in the next one, framed as one batch (frame.py), so N
+concurrent committers cost about one sync per flush, not N, and the frame's header and
+checksums are paid per flush, not per record. A flush without an fdatasync (modes `off`, and `batch`
 between syncs) is only a write to the page cache and runs on the event-loop thread itself:
 the hand-off to the thread and back cost more than the write. Must never fdatasync on the
 event-loop thread, and must never release a `commit()` before the flush that covers its LSN
@@ -42,7 +43,7 @@ from enum import StrEnum
 from typing import Any
 
 from spinbroker.wal.errors import WalClosed, WalWriteError
-from spinbroker.wal.frame import MAX_BODY, encode_record
+from spinbroker.wal.frame import MAX_BODY, encode_frames
 from spinbroker.wal.segment import SegmentWriter
 
 log = logging.getLogger("spinbroker.wal")
@@ -126,7 +127,7 @@ class GroupCommit:
         if len(body) > MAX_BODY:
             raise ValueError(f"record body of {len(body)} bytes exceeds {MAX_BODY}")
         lsn = self._next_lsn
-        self._buffer.append(encode_record(lsn, body))
+        self._buffer.append(body)
         self._next_lsn = lsn + 1
         self._kick()
         return lsn
@@ -191,7 +192,7 @@ class GroupCommit:
         self._cancel_timer()
         if self._inflight is not None:
             await asyncio.wait([self._inflight])
-        frames, self._buffer = self._buffer, []
+        frames = self._take_frames()
         loop = asyncio.get_running_loop()
         self._flush_started = loop.time()
         failure: BaseException | None = None
@@ -238,7 +239,7 @@ class GroupCommit:
         if not self._buffer and not sync and self._written_lsn >= last:
             return
         self._cancel_timer()
-        frames, self._buffer = self._buffer, []
+        frames = self._take_frames()
         loop = self._loop
         assert loop is not None
         self._flush_started = loop.time()
@@ -261,6 +262,11 @@ class GroupCommit:
         # on every acknowledgement.
         self._inflight = loop.create_future()
         self._io.submit(self._writer.flush, (frames, last, sync), self._flush_done, loop)
+
+    def _take_frames(self) -> list[bytes]:
+        """The frames of every buffered record, which leave the buffer."""
+        bodies, self._buffer = self._buffer, []
+        return encode_frames(self._next_lsn - len(bodies), bodies) if bodies else []
 
     def _sync_now(self, last: int) -> bool:
         """Whether the next flush should end with an fdatasync."""
