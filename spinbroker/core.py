@@ -57,6 +57,8 @@ from .records import (
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}")
 GOOD_NAMES_MAX = 10_000
+#: At most this many action names are shared (see `Broker.shared_name`).
+SHARED_NAMES_MAX = 10_000
 
 
 def check_name(field: str, value: str) -> None:
@@ -140,11 +142,14 @@ class Command:
         "unmet",
     )
 
-    def __init__(self, spec: CommandSpec, package: Package, queue: ResourceQueue) -> None:
+    def __init__(
+        self, spec: CommandSpec, package: Package, queue: ResourceQueue, action: str
+    ) -> None:
         self.id = spec.id
         self.package = package
         self.queue = queue
-        self.action = spec.action
+        #: `spec.action`, as the broker's shared string for it.
+        self.action = action
         self.parameters = spec.parameters
         self.dependencies = spec.dependencies
         self.state = STAGED
@@ -397,6 +402,7 @@ class Broker:
         self._retention_heap: list[tuple[float, str]] = []
         self._tiebreak = 0
         self._good_names: set[str] = set()
+        self._names: dict[str, str] = {}
         #: The time of the record being applied (finish times come from it).
         self._now = 0.0
 
@@ -415,6 +421,18 @@ class Broker:
         if cmd is None:
             raise BrokerError(ErrorCode.NOT_FOUND, f"no command {command_id}")
         return cmd
+
+    def shared_name(self, action: str) -> str:
+        """`action` as the one string object the broker keeps for that name, for the first
+        SHARED_NAMES_MAX names: agents use a handful of actions, and a million commands that
+        each hold a copy of the same name (as decoded from a request or a record) cost
+        ~56 MB. Object identity only: no state depends on it."""
+        shared = self._names.get(action)
+        if shared is None:
+            shared = action
+            if len(self._names) < SHARED_NAMES_MAX:
+                self._names[action] = action
+        return shared
 
     def queue(self, name: str) -> ResourceQueue:
         """The queue of a command on resource `name`, made if missing (it stays: commands
@@ -780,7 +798,9 @@ class Broker:
         if q is None or q.agents_only:
             q = self.queue(resource)
         cmd = _new(Command)
-        cmd.id, cmd.package, cmd.queue, cmd.action = command_id, pkg, q, action
+        shared = self._names.get(action)
+        cmd.id, cmd.package, cmd.queue = command_id, pkg, q
+        cmd.action = shared if shared is not None else self.shared_name(action)
         cmd.parameters, cmd.dependencies = parameters, ()
         cmd.reason = cmd.causer = cmd.dependents = None
         cmd.lease_owner = cmd.lease_deadline = cmd.ttr = None
@@ -821,7 +841,7 @@ class Broker:
     def _apply_added(self, package_id: str, specs: Iterable[CommandSpec]) -> None:
         pkg = self.packages[package_id]
         for spec in specs:
-            cmd = Command(spec, pkg, self.queue(spec.resource))
+            cmd = Command(spec, pkg, self.queue(spec.resource), self.shared_name(spec.action))
             self.commands[spec.id] = cmd
             assert isinstance(pkg.commands, list), "ADD to an enqueued package"
             pkg.commands.append(cmd)

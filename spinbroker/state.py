@@ -210,7 +210,8 @@ def _build(broker: Broker, packages: Iterable[list[Any]]) -> list[Command]:
             if q is None:
                 q = broker.queue(name)
             cmd = new_command(Command)
-            cmd.id, cmd.queue, cmd.package, cmd.action = cid, q, pkg, action
+            cmd.id, cmd.queue, cmd.package = cid, q, pkg
+            cmd.action = broker.shared_name(action)
             cmd.parameters, cmd.dependencies = parameters, tuple(deps)
             cmd.state = state = states[index]
             cmd.reason, cmd.causer, cmd.delivery, cmd.order = c_reason, c_causer, delivery, order

@@ -1277,3 +1277,40 @@ def test_a_package_holds_its_commands_in_a_tuple_once_enqueued() -> None:
     h.add(open_pid, nc())
     restored = state.load_packed(state.dump_packed(h.b), h.b.limits)
     assert isinstance(restored.packages[open_pid].commands, list)
+
+
+def _fresh(name: str) -> str:
+    """An equal string that is a distinct object (as each decoded request or record is)."""
+    copy = "".join(list(name))
+    assert copy == name and copy is not name
+    return copy
+
+
+def test_commands_share_one_string_per_action_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A million commands of a few actions must not hold a million copies of their names:
+    every path that makes a Command (SUBMIT's fast path, NEW + ADD, replay of each record,
+    snapshot load) hands it the broker's shared string, for a bounded number of names."""
+    monkeypatch.setattr("spinbroker.core.SHARED_NAMES_MAX", 3)
+    h = Harness()
+    ids = [h.submit(nc(action=_fresh("build")))[1][0] for _ in range(2)]
+    pid = h.new()
+    ids += h.add(pid, nc(action=_fresh("build")), nc(action=_fresh("build"), deps=[ids[0]]))
+    h.b.enqueue(pid, h.now)
+    for names in (["n1", "n2"], ["n3", "n4"]):  # two more names fill the table of 3
+        for name in names:
+            h.submit(nc(action=name))
+
+    def actions(b: Broker) -> list[str]:
+        return [b.commands[i].action for i in ids]
+
+    assert len({id(a) for a in actions(h.b)}) == 1
+    assert set(h.b._names) == {"build", "n1", "n2"}
+    unshared = [h.b.commands[i] for i in h.b.commands if h.b.commands[i].action == "n4"]
+    assert len(unshared) == 1  # past the bound the name is kept as it came, not shared
+
+    replayed = Broker(h.b.limits)
+    for rec in h.b.outbox:
+        replayed.apply(from_wire(msgpack.unpackb(msgpack.packb(to_wire(rec)))))
+    restored = state.load_packed(state.dump_packed(h.b), h.b.limits)
+    for b in (replayed, restored):
+        assert len({id(a) for a in actions(b)}) == 1 and actions(b) == actions(h.b)
