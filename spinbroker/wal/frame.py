@@ -52,7 +52,9 @@ MAX_BODY = 1 << 30
 BATCH = 1 << 31
 #: `encode_frames` starts a new batch frame past this many bytes of records.
 MAX_BATCH_BYTES = 1 << 20
-_COUNT = struct.Struct("<I")
+_LENGTH_WORD = struct.Struct("<I")
+#: The first field of a batch body: its record count.
+BATCH_COUNT = struct.Struct("<I")
 _HEAD = struct.Struct("<IQI")
 _HEAD_CRC = struct.Struct("<I")
 _RECORD_HEADER = struct.Struct("<IQII")
@@ -77,7 +79,8 @@ def encode_record(lsn: int, body: bytes) -> bytes:
 def encode_batch(first_lsn: int, bodies: Sequence[bytes]) -> bytes:
     """One batch frame holding `bodies` (LSNs first_lsn, first_lsn + 1, ...)."""
     count = len(bodies)
-    body = b"".join((_COUNT.pack(count), struct.pack(f"<{count}I", *map(len, bodies)), *bodies))
+    table = struct.pack(f"<I{count}I", count, *map(len, bodies))
+    body = b"".join((table, *bodies))
     if len(body) > MAX_BODY:
         raise ValueError(f"batch of {len(body)} bytes exceeds {MAX_BODY}")
     head = _HEAD.pack(len(body) | BATCH, first_lsn, crc32c(body))
@@ -107,22 +110,22 @@ def _frame(lsn: int, bodies: Sequence[bytes]) -> bytes:
 def batch_count(data: bytes | memoryview, start: int, length: int) -> int | None:
     """The record count of the batch body at data[start:start + length], if its table is
     sound (a count of at least 1, lengths that add up to the body); None if not."""
-    if length < _COUNT.size:
+    if length < BATCH_COUNT.size:
         return None
-    (count,) = _COUNT.unpack_from(data, start)
-    table = _COUNT.size * (count + 1)
+    (count,) = BATCH_COUNT.unpack_from(data, start)
+    table = BATCH_COUNT.size * (count + 1)
     if count < 1 or table > length:
         return None
-    lengths = struct.unpack_from(f"<{count}I", data, start + _COUNT.size)
+    lengths = struct.unpack_from(f"<{count}I", data, start + BATCH_COUNT.size)
     return count if sum(lengths) == length - table else None
 
 
 def batch_records(data: bytes, start: int, lsn: int) -> Iterator[tuple[int, int, int]]:
     """(lsn, start, stop) of each record of the batch body at `start` of `data`, whose
     table `batch_count` found sound."""
-    (count,) = _COUNT.unpack_from(data, start)
-    offset = start + _COUNT.size * (count + 1)
-    for length in struct.unpack_from(f"<{count}I", data, start + _COUNT.size):
+    (count,) = BATCH_COUNT.unpack_from(data, start)
+    offset = start + BATCH_COUNT.size * (count + 1)
+    for length in struct.unpack_from(f"<{count}I", data, start + BATCH_COUNT.size):
         yield lsn, offset, offset + length
         offset += length
         lsn += 1
@@ -214,7 +217,7 @@ def read_frames(data: bytes, offset: int, lsn: int, end: int) -> Iterator[tuple[
 def frame_records(data: bytes, offset: int, lsn: int) -> Iterator[tuple[int, int, int]]:
     """(lsn, start, stop) of each record of the frame at `offset`, which `read_frames` or
     `decode_record` found good (not checked again)."""
-    word = _COUNT.unpack_from(data, offset)[0]
+    (word,) = _LENGTH_WORD.unpack_from(data, offset)
     start = offset + RECORD_HEADER_SIZE
     if word & BATCH:
         return batch_records(data, start, lsn)
@@ -223,7 +226,7 @@ def frame_records(data: bytes, offset: int, lsn: int) -> Iterator[tuple[int, int
 
 def frame_end(data: bytes, offset: int) -> int:
     """Past the frame at `offset` (its header read as is)."""
-    word: int = _COUNT.unpack_from(data, offset)[0]
+    word: int = _LENGTH_WORD.unpack_from(data, offset)[0]
     return offset + RECORD_HEADER_SIZE + (word & ~BATCH)
 
 

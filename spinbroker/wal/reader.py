@@ -23,16 +23,17 @@ How damage is classified (the decision the preallocated segments force):
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from spinbroker.wal.frame import (
     BATCH,
+    BATCH_COUNT,
     LENGTH_LSN,
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
     Found,
-    batch_records,
     decode_record,
     frame_end,
     frame_records,
@@ -151,7 +152,7 @@ def iter_checked(data: bytes, first_lsn: int, end: int, start: int) -> Iterator[
     batch table was verified there, once, so this only walks the frames (the replay's fast
     path). Raises RecordError if the frames do not chain as that scan found them, which
     only a caller passing other bytes or another `end` can cause."""
-    unpack = LENGTH_LSN.unpack_from
+    unpack, unpack_count = LENGTH_LSN.unpack_from, BATCH_COUNT.unpack_from
     offset, expected = SEGMENT_HEADER_SIZE, first_lsn
     end = min(end, len(data))
     # Every pass moves `offset` forward by at least a header: at most `end` / 20 passes.
@@ -165,11 +166,15 @@ def iter_checked(data: bytes, first_lsn: int, end: int, start: int) -> Iterator[
             if lsn >= start:
                 yield lsn, data[body_start:stop]
             expected = lsn + 1
-        else:
-            for record_lsn, record_start, record_stop in batch_records(data, body_start, lsn):
-                if record_lsn >= start:
-                    yield record_lsn, data[record_start:record_stop]
-                expected = record_lsn + 1
+        else:  # batch_records, inlined: this loop runs once per record of the log
+            (count,) = unpack_count(data, body_start)
+            position = body_start + 4 * (count + 1)
+            for length in struct.unpack_from(f"<{count}I", data, body_start + 4):
+                if lsn >= start:
+                    yield lsn, data[position : position + length]
+                position += length
+                lsn += 1
+            expected = lsn
         offset = stop
     if offset != end:
         raise RecordError(offset, f"frames end at offset {offset}, the scan found {end}")
