@@ -92,8 +92,10 @@ class Connection(asyncio.Protocol):
         self.codec = ServerCodec(server.config.limits.max_frame)
         self.transport: asyncio.Transport | None = None
         self.blocked: set[Blocked] = set()
-        #: Text mode: requests read but not handled while an earlier one is blocked.
+        #: Requests read but not handled yet: behind a blocked text request, or past the
+        #: in-flight limit (`flush` carries on with them once replies went out).
         self.backlog: deque[Request | BadInput] = deque()
+        self._drain_scheduled = False
         #: Replies waiting for the log position they need: (lsn, bytes, request id, verb).
         self.held: deque[tuple[int, bytes, int | None, str | None]] = deque()
         self.out: list[bytes] = []
@@ -221,11 +223,18 @@ class Connection(asyncio.Protocol):
             self.transport.close()
         elif self.inflight < self.server.config.limits.max_inflight:
             self._resume_reading("inflight")
-        if self.codec.mode is Mode.TEXT and not self.blocked and self.backlog:
-            # A blocked text request was answered: carry on with the lines behind it.
-            self.server.loop.call_soon(self._continue_text)
+            if self.backlog and not self._drain_scheduled and not self._text_blocked():
+                # Requests read ahead waited for replies to go out (a blocked text request
+                # was answered, or the in-flight limit is no longer reached): carry on with
+                # them now, not when the client happens to send more.
+                self._drain_scheduled = True
+                self.server.loop.call_soon(self._continue_backlog)
 
-    def _continue_text(self) -> None:
+    def _text_blocked(self) -> bool:
+        return self.codec.mode is Mode.TEXT and bool(self.blocked)
+
+    def _continue_backlog(self) -> None:
+        self._drain_scheduled = False
         if not self.closing:
             self._resume_reading("backlog")
             self._drain_backlog()

@@ -164,6 +164,24 @@ async def test_msgpack_replies_match_ids_when_pipelined(raw: Connect) -> None:
     assert replies[200] == [blocked, "empty", None]  # the blocked one comes last
 
 
+async def test_requests_past_the_inflight_limit_are_served_once_replies_leave(
+    make_server: Connect,
+) -> None:
+    """Past `max_inflight` unanswered requests the server stops reading; the requests it
+    had already read wait in the backlog. Once replies leave it must carry on with them by
+    itself, not only when the client sends more (which a client waiting for them never
+    does)."""
+    server: Server = await make_server(Limits(max_inflight=2))
+    c = RawMsgpack(*await asyncio.open_unix_connection(str(server.socket_path)))
+    nexts = [c.send("NEXT", {"resource": "idle", "timeout": 0.05}) for _ in range(3)]
+    ping = c.send("PING")
+    replies = [await c.reply(timeout=3.0) for _ in range(4)]
+    assert sorted(m[0] for m in replies) == sorted([*nexts, ping])
+    assert all(m[1:] == ["empty", None] for m in replies if m[0] in nexts)
+    await c.close()
+    await server.stop()
+
+
 async def test_next_timeout_is_empty_not_error(raw: Connect) -> None:
     c: RawMsgpack = await raw()
     assert await c.call("NEXT", {"resource": "r", "timeout": 0}) == [1, "empty", None]
