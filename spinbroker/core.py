@@ -43,6 +43,7 @@ from .records import (
     CommandLeased,
     CommandsAdded,
     CommandSpec,
+    LeaseCancelled,
     LeaseReleased,
     LeaseTouched,
     PackageCancelled,
@@ -684,7 +685,9 @@ class Broker:
             self._end_lease(cmd, now)
 
     def _end_lease(self, cmd: Command, now: float) -> None:
-        if cmd.delivery >= self.limits.max_deliveries:
+        if cmd.package.cancel_requested:
+            self._commit(LeaseCancelled(cmd.id, now))
+        elif cmd.delivery >= self.limits.max_deliveries:
             reason = (
                 f"lease lost after {cmd.delivery} deliveries "
                 f"(max_deliveries={self.limits.max_deliveries})"
@@ -923,6 +926,12 @@ class Broker:
         self._drop_lease(cmd)
         self._make_ready(cmd)
 
+    def _apply_lease_cancelled(self, cmd: Command) -> None:
+        self._drop_lease(cmd)
+        cmd.reason = "package cancelled"
+        self._settle(cmd, CANCELLED)
+        self._cascade(cmd)
+
     def _apply_completed(self, rec: CommandCompleted) -> None:
         cmd = self.commands[rec.command]
         self._drop_lease(cmd)
@@ -1037,6 +1046,7 @@ _APPLY: dict[type, Callable[[Broker, Any], None]] = {
     PackageEnqueued: lambda b, r: b._apply_enqueued(r.package),
     LeaseTouched: Broker._apply_touched,
     LeaseReleased: lambda b, r: b._apply_released(b.commands[r.command]),
+    LeaseCancelled: lambda b, r: b._apply_lease_cancelled(b.commands[r.command]),
     PackageCancelled: lambda b, r: b._apply_cancelled(b.packages[r.package], r.at),
     PackageExpired: lambda b, r: b._apply_expired(b.packages[r.package], r.at),
     PackageForgotten: lambda b, r: b._apply_forgotten(b.packages.pop(r.package)),

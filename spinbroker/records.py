@@ -96,6 +96,15 @@ class LeaseReleased:
 
 
 @dataclass(slots=True)
+class LeaseCancelled:
+    """A lease ended without COMPLETE after the command's package was cancelled: CANCEL let
+    the command finish where it ran, so it is cancelled now, not delivered again."""
+
+    command: str
+    at: float
+
+
+@dataclass(slots=True)
 class CommandCompleted:
     command: str
     success: bool
@@ -140,6 +149,7 @@ Record = (
     | CommandLeased
     | LeaseTouched
     | LeaseReleased
+    | LeaseCancelled
     | CommandCompleted
     | PackageCancelled
     | PackageExpired
@@ -176,6 +186,8 @@ def to_wire(rec: Record) -> list[Any]:
             return ["touched", c, deadline, at, ttr]
         case LeaseReleased(c, at):
             return ["released", c, at]
+        case LeaseCancelled(c, at):
+            return ["lease_cancelled", c, at]
         case CommandCompleted(c, success, reason, at):
             return ["completed", c, success, reason, at]
         case PackageCancelled(p, at):
@@ -246,6 +258,7 @@ _DECODERS: dict[str, Callable[[list[Any]], Record]] = {
     "completed": _completed,
     "touched": lambda w: LeaseTouched(w[1], w[2], w[3], w[4]),
     "released": lambda w: LeaseReleased(w[1], w[2]),
+    "lease_cancelled": lambda w: LeaseCancelled(w[1], w[2]),
     "created": lambda w: PackageCreated(w[1], w[2]),
     "added": lambda w: CommandsAdded(w[1], _specs(w[2]), w[3]),
     "enqueued": lambda w: PackageEnqueued(w[1], w[2]),

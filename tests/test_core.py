@@ -18,6 +18,7 @@ from spinbroker.core import Broker, Command, NewCommand, Waiter
 from spinbroker.errors import BrokerError, ErrorCode
 from spinbroker.records import (
     CommandCompleted,
+    LeaseCancelled,
     LeaseReleased,
     PackageExpired,
     PackageForgotten,
@@ -795,17 +796,39 @@ def test_max_deliveries_fails_the_command_when_a_ttr_lease_expires() -> None:
     assert h.next() is None
 
 
-def test_lease_loss_of_a_cancelled_package_redelivers_its_leased_command() -> None:
-    # Documents current behaviour: CANCEL spares leased commands, and a lost lease puts
-    # such a command back in line (a second CANCEL then cancels it).
+@pytest.mark.parametrize("how", ["connection closed", "ttr ran out", "restart"])
+def test_a_leased_command_of_a_cancelled_package_is_cancelled_when_its_lease_ends(
+    how: str,
+) -> None:
+    """CANCEL spares a leased command (its agent may still complete it). If the lease ends
+    without COMPLETE, the command is cancelled, not delivered again after the CANCEL, and
+    its dependents in other packages are cancelled through it."""
     h = Harness()
     pid, (a,) = h.submit(nc())
-    assert h.next_id(owner=1) == a
-    assert h.b.cancel(pid, h.now) == 0
-    h.b.release_owner(1, h.now)
-    assert h.state(a) == "ready"
-    assert h.b.cancel(pid, h.now) == 1
-    assert h.pkg(pid)["state"] == "cancelled"
+    other, (b,) = h.submit(nc(deps=[a]))
+    ttr = 5.0 if how == "ttr ran out" else None
+    assert h.next_id(owner=1, ttr=ttr) == a
+    assert h.b.cancel(pid, h.now) == 0  # nothing to cancel now: `a` is out
+    # nothing cancelled yet: the package stays pending while `a` runs
+    assert h.state(a) == "leased" and h.pkg(pid)["state"] == "pending"
+    assert not h.pkg(pid)["finished"]
+    if how == "connection closed":
+        h.b.release_owner(1, h.now)
+    elif how == "ttr ran out":
+        h.b.tick(h.now + ttr)
+    else:
+        h.b.recover_leases(h.now)
+    assert isinstance(h.b.outbox[-1], LeaseCancelled)
+    status = h.b.status(a)
+    assert (status["state"], status["reason"]) == ("cancelled", "package cancelled")
+    assert h.pkg(pid)["state"] == "cancelled" and h.pkg(pid)["finished"]
+    assert h.b.status(b)["reason"] == f"dependency {a} was cancelled"
+    assert h.pkg(other)["state"] == "failed" and h.pkg(other)["finished"]
+    assert h.next() is None
+    replayed = Broker(h.b.limits)
+    for rec in h.b.outbox:
+        replayed.apply(from_wire(msgpack.unpackb(msgpack.packb(to_wire(rec)))))
+    assert replayed.status(a) == h.b.status(a) and replayed.status(pid) == h.b.status(pid)
 
 
 # ---------------------------------------------------------------------------- complete

@@ -185,7 +185,12 @@ class Model:
 
     def end_lease(self, c: MCmd) -> None:
         c.owner = c.deadline = None
-        if c.delivery >= self.limits.max_deliveries:
+        p = self.pkgs[c.pkg]
+        if p.cancel_requested:  # CANCEL let it finish where it ran; it will not run again
+            c.state, c.reason = "cancelled", "package cancelled"
+            p.victims += 1
+            self.cascade([c])
+        elif c.delivery >= self.limits.max_deliveries:
             reason = (
                 f"lease lost after {c.delivery} deliveries "
                 f"(max_deliveries={self.limits.max_deliveries})"
@@ -412,8 +417,8 @@ class Model:
             line.clear()
         held = [c for c in self.live() if c.state == "leased"]
         for c in sorted(held, key=lambda c: c.order):
-            c.state = "queued"
-            c.owner = c.deadline = None
+            self.end_lease(c)
+        self.mark_finished()
 
 
 # ---------------------------------------------------------------------------- helpers
