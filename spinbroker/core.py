@@ -58,6 +58,10 @@ from .records import (
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}")
 GOOD_NAMES_MAX = 10_000
+#: A command cancelled because a dependency failed quotes at most this many characters of
+#: the failed command's reason (which keeps all of it): one failure with a long reason must
+#: not be copied whole into each of thousands of dependents, snapshots and STATUS replies.
+REASON_QUOTE_MAX = 200
 #: At most this many action names are shared (see `Broker.shared_name`).
 SHARED_NAMES_MAX = 10_000
 
@@ -69,6 +73,13 @@ def check_name(field: str, value: str) -> None:
             ErrorCode.BAD_REQUEST,
             f"{field} {value!r} must be 1-128 characters of letters, digits and _ . : @ / -",
         )
+
+
+def quote_reason(reason: str) -> str:
+    """A failed command's reason as its cancelled dependents quote it."""
+    if len(reason) <= REASON_QUOTE_MAX:
+        return reason
+    return reason[:REASON_QUOTE_MAX] + "..."
 
 
 class CommandState(StrEnum):
@@ -523,7 +534,10 @@ class Broker:
                         "or of an enqueued package",
                     )
                 deps.append(dep)
-            specs.append(CommandSpec(ids[i], nc.resource, nc.action, parameters, tuple(deps)))
+            # A dependency named twice counts once (as the same id and as its position, too):
+            # a request must not make the log and the state grow by repeating one.
+            unique = tuple(dict.fromkeys(deps))
+            specs.append(CommandSpec(ids[i], nc.resource, nc.action, parameters, unique))
             earlier.add(ids[i])
         return tuple(specs)
 
@@ -977,7 +991,7 @@ class Broker:
             causer = dead.id
             reason = f"dependency {dead.id} failed"
             if dead.reason:
-                reason = f"{reason}: {dead.reason}"
+                reason = f"{reason}: {quote_reason(dead.reason)}"
         else:
             causer, reason = dead.id, f"dependency {dead.id} was cancelled"
         cmd.reason = reason

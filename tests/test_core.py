@@ -14,7 +14,7 @@ import pytest
 
 from spinbroker import state
 from spinbroker.config import Limits
-from spinbroker.core import Broker, Command, NewCommand, Waiter
+from spinbroker.core import REASON_QUOTE_MAX, Broker, Command, NewCommand, Waiter
 from spinbroker.errors import BrokerError, ErrorCode
 from spinbroker.records import (
     CommandCompleted,
@@ -829,6 +829,42 @@ def test_a_leased_command_of_a_cancelled_package_is_cancelled_when_its_lease_end
     for rec in h.b.outbox:
         replayed.apply(from_wire(msgpack.unpackb(msgpack.packb(to_wire(rec)))))
     assert replayed.status(a) == h.b.status(a) and replayed.status(pid) == h.b.status(pid)
+
+
+def test_a_dependency_named_twice_counts_once() -> None:
+    h = Harness()
+    _, (a,) = h.submit(nc())
+    _, (b, c) = h.submit(nc(), nc(deps=[0, a, 0, a, 0]))
+    assert h.b.commands[c].dependencies == (b, a)
+    assert h.b.commands[c].unmet == 2
+    for expected in (a, b):
+        assert h.next_id() == expected
+        h.b.complete(expected, True, None, None, h.now)
+    assert h.next_id() == c
+
+
+def test_dependents_quote_a_long_failure_reason_not_copy_it() -> None:
+    """One failure must not be copied whole into every dependent (memory, snapshots and
+    STATUS replies would grow with dependents x reason): dependents quote its start."""
+    h = Harness()
+    _, (a, b) = h.submit(nc(), nc(deps=[0]))
+    other, (c,) = h.submit(nc(deps=[a]))
+    long_reason = "x" * 100_000
+    assert h.next_id() == a
+    h.b.complete(a, False, long_reason, None, h.now)
+    later, (d,) = h.submit(nc(deps=[a]))  # cancelled at enqueue: `a` failed already
+    assert h.b.status(a)["reason"] == long_reason
+    quoted = f"dependency {a} failed: {'x' * REASON_QUOTE_MAX}..."
+    for cmd in (b, c, d):
+        assert h.b.status(cmd)["reason"] == quoted
+    for pkg in (other, later):
+        assert h.pkg(pkg)["reason"] == quoted
+    short = h.submit(nc())[1][0]
+    assert h.next_id() == short
+    h.b.complete(short, False, "disk full", None, h.now)
+    assert h.b.status(h.submit(nc(deps=[short]))[1][0])["reason"] == (
+        f"dependency {short} failed: disk full"
+    )
 
 
 # ---------------------------------------------------------------------------- complete

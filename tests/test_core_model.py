@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from spinbroker.config import Limits
-from spinbroker.core import Broker, NewCommand, Waiter
+from spinbroker.core import REASON_QUOTE_MAX, Broker, NewCommand, Waiter
 from spinbroker.errors import BrokerError, ErrorCode
 from spinbroker.records import from_wire, to_wire
 
@@ -215,7 +215,10 @@ class Model:
         c.state, c.root = "cancelled", root.id
         c.reason = f"dependency {root.id} {'failed' if failed else 'was cancelled'}"
         if failed and root.reason:
-            c.reason = f"{c.reason}: {root.reason}"
+            quoted = root.reason
+            if len(quoted) > REASON_QUOTE_MAX:
+                quoted = quoted[:REASON_QUOTE_MAX] + "..."
+            c.reason = f"{c.reason}: {quoted}"
         c.root_was_gone = root.gone
         p = self.pkgs[c.pkg]
         if p.causer is None:
@@ -692,7 +695,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.do_complete(cid, True, None, self.pick_delivery(data, cid))
 
     @precondition(lambda self: self.leased_ids())
-    @rule(data=st.data(), reason=st.sampled_from([None, "boom", "disk full"]))
+    @rule(data=st.data(), reason=st.sampled_from([None, "boom", "disk full", "long " * 60]))
     def fail(self, data: st.DataObject, reason: str | None) -> None:
         cid = data.draw(st.sampled_from(self.leased_ids()), label="command")
         self.do_complete(cid, False, reason, self.pick_delivery(data, cid))
