@@ -62,6 +62,8 @@ STORAGE_RETRY_SECONDS = 0.1
 #: broker grows to 1M queued commands (bench/RESULTS.md); with it a
 #: collection only walks what is younger than the last freeze (worst pause then: 70 ms).
 FREEZE_EVERY = 20_000
+#: The exit code of a broker that stopped because a record could not be logged.
+EXIT_CANNOT_LOG = 70
 
 
 class Blocked:
@@ -160,7 +162,7 @@ class Connection(asyncio.Protocol):
     def reply(self, req: Request, kind: str, body: Any, need: int | None = None) -> None:
         try:
             data = self.codec.encode_reply(req, kind, body)
-        except (TypeError, ValueError, OverflowError) as exc:  # a body msgpack cannot carry
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # cannot encode
             log.exception("cannot encode the reply to %s", req.verb)
             err = BrokerError(ErrorCode.INTERNAL, f"cannot encode the reply: {exc}")
             data = self.codec.encode_error(req.id, req.verb, err)
@@ -258,6 +260,9 @@ class Connection(asyncio.Protocol):
 
 
 class Server:
+    #: How the broker stops at once (see `_cannot_log`); a test replaces it.
+    exit_now: Callable[[int], object] = staticmethod(os._exit)
+
     def __init__(
         self,
         config: ServerConfig,
@@ -538,13 +543,29 @@ class Server:
         append, pack = self.wal.append, self._packer.pack
         lsn = self.appended_lsn
         core = self.core
-        for rec in core.outbox:
-            lsn = append(pack(records.to_wire(rec)))
+        for index, rec in enumerate(core.outbox):
+            try:
+                body = pack(records.to_wire(rec))
+            except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+                del core.outbox[:index]  # those are logged
+                self.appended_lsn = lsn
+                self._cannot_log(rec, exc)
+                return
+            lsn = append(body)
         core.outbox.clear()
         self.appended_lsn = lsn
         self.ready_lsns.logged(core.next_order, core.readied, lsn)
         if core.readied:
             core.readied = []
+
+    def _cannot_log(self, rec: records.Record, exc: BaseException) -> None:
+        """A record the core applied cannot be encoded for the log: a bug (requests are
+        checked so that every record they make can be logged). The state in memory now
+        holds a change the log never will, so nothing more may be acknowledged nor
+        snapshotted: stop at once. Everything acknowledged is already in the log (written,
+        and synced in mode `always`), and a restart recovers from it."""
+        log.critical("cannot log a record, stopping at once: %.300r: %s", rec, exc)
+        self.exit_now(EXIT_CANNOT_LOG)
 
     def _made_durable(self, lsn: int) -> None:
         if lsn > self.durable_lsn:

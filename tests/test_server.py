@@ -15,8 +15,9 @@ from typing import Any
 import msgpack
 import pytest
 
+from spinbroker import records
 from spinbroker.config import Limits
-from spinbroker.server import Server
+from spinbroker.server import EXIT_CANNOT_LOG, Server
 
 from .conftest import RawMsgpack, TextClient
 
@@ -116,6 +117,37 @@ async def test_text_blocked_next_holds_later_lines(text: Connect) -> None:
     got = await agent.ok_json("")  # the NEXT reply comes first, then PING's
     assert got["id"] == reply["commands"][0]
     assert await agent.line() == "PONG"
+
+
+async def test_a_record_the_log_cannot_hold_stops_the_broker_at_once(
+    server: Server, raw: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests are checked so that every record they make can be logged; if one still
+    cannot be (a bug), the broker must not carry on with a change the log will never
+    hold: it stops at once, after logging the records before it exactly once."""
+    stopped = asyncio.Event()
+    codes: list[int] = []
+
+    def exit_now(code: int) -> None:
+        codes.append(code)
+        stopped.set()
+
+    server.exit_now = exit_now  # type: ignore[method-assign]
+    real = records.to_wire
+
+    def to_wire(rec: records.Record) -> list[Any]:
+        wire = real(rec)
+        return [*wire, object()] if isinstance(rec, records.SchemaAnnounced) else wire
+
+    monkeypatch.setattr(records, "to_wire", to_wire)
+    c: RawMsgpack = await raw()
+    first = server.appended_lsn
+    c.send("SUBMIT", {"commands": [{"resource": "r", "action": "a"}]})
+    c.send("ANNOUNCE", {"resource": "r", "schema": {"schema": 1, "actions": {"a": {}}}})
+    await asyncio.wait_for(stopped.wait(), 5)
+    assert codes == [EXIT_CANNOT_LOG]
+    assert server.appended_lsn == first + 1  # the SUBMIT's record, once
+    assert len(server.core.outbox) == 1  # the record that cannot be logged, only
 
 
 async def test_unix_socket_is_private(server: Server) -> None:
