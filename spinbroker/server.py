@@ -102,6 +102,8 @@ class Connection(asyncio.Protocol):
         self.held: deque[tuple[int, bytes, int | None, str | None]] = deque()
         self.out: list[bytes] = []
         self.closing = False
+        #: The client will send nothing more (see eof_received).
+        self.eof = False
         self.inflight = 0
         self._read_paused_by: set[str] = set()
 
@@ -122,6 +124,13 @@ class Connection(asyncio.Protocol):
         self.backlog.extend(self.codec.next_events())
         self._drain_backlog()
         server.after_batch()
+
+    def eof_received(self) -> bool:
+        """The client closed its sending side (`nc -N`, shutdown(SHUT_WR)) but may still
+        read: answer everything it sent, blocked requests included, then close."""
+        self.eof = True
+        self.server.input_ended(self)
+        return True  # keep the transport open for the replies
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -223,6 +232,10 @@ class Connection(asyncio.Protocol):
         self.out.clear()
         if self.closing and not self.held and self.transport is not None:
             self.transport.close()
+        elif self.eof and not (self.inflight or self.backlog or self.held):
+            self.closing = True  # everything it sent is answered
+            if self.transport is not None:
+                self.transport.close()
         elif self.inflight < self.server.config.limits.max_inflight:
             self._resume_reading("inflight")
             if self.backlog and not self._drain_scheduled and not self._text_blocked():
@@ -684,6 +697,16 @@ class Server:
                 if not waits:
                     del self.waits[blocked.package]
 
+    def input_ended(self, conn: Connection) -> None:
+        """`conn` sent EOF: its parked NEXTs end as if timed out (see `_take`); what else
+        it sent is answered, then `Connection.flush` closes it."""
+        for blocked in list(conn.blocked):
+            if blocked.waiter is not None:
+                self._unblock(blocked)
+                conn.reply(blocked.req, "empty", None)
+        self.dirty.add(conn)
+        self.after_batch()
+
     def disconnected(self, conn: Connection) -> None:
         self.connections.pop(conn.id, None)
         self.dirty.discard(conn)
@@ -817,7 +840,9 @@ class Server:
         with `next`), so it waits for that change's record too."""
         blocked = Blocked(conn, req)
         waiter = Waiter(blocked, conn.id, ttr)
-        block = timeout != 0
+        # A client that sent EOF has likely closed: no NEXT of it parks (a lease made to it
+        # later would be lost with its connection).
+        block = timeout != 0 and not conn.eof
         cmd = self.core.next(resource, waiter, self.clock(), block)
         if cmd is not None:
             everything_before = self.appended_lsn + len(self.core.outbox) - 1

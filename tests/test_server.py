@@ -19,7 +19,7 @@ from spinbroker import records
 from spinbroker.config import Limits
 from spinbroker.server import EXIT_CANNOT_LOG, Server
 
-from .conftest import RawMsgpack, TextClient
+from .conftest import RawMsgpack, TextClient, open_stream
 
 Connect = Callable[..., Any]
 
@@ -148,6 +148,25 @@ async def test_a_record_the_log_cannot_hold_stops_the_broker_at_once(
     assert codes == [EXIT_CANNOT_LOG]
     assert server.appended_lsn == first + 1  # the SUBMIT's record, once
     assert len(server.core.outbox) == 1  # the record that cannot be logged, only
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+async def test_a_client_that_half_closes_still_gets_every_reply(server: Server, tcp: bool) -> None:
+    """`printf 'NEW\\n' | nc -N host port`: the client shuts down its sending side at once.
+    Everything it sent is answered (a durable NEW; a NEXT, which no longer waits), then
+    the connection is closed."""
+    reader, writer = await open_stream(server, tcp)
+    writer.write(b"NEW\nNEXT idle 0.05\nPING\n")
+    writer.write_eof()
+    data = await asyncio.wait_for(reader.read(), 5)  # until the server closes
+    lines = data.decode().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("OK ") and lines[1:] == ["EMPTY", "PONG"]
+    writer.close()
+    raw = RawMsgpack(*await open_stream(server, tcp))
+    blocked = raw.send("NEXT", {"resource": "idle", "timeout": 0.05})
+    raw.writer.write_eof()
+    assert await raw.reply() == [blocked, "empty", None]
+    assert await raw.closed()
 
 
 async def test_unix_socket_is_private(server: Server) -> None:
