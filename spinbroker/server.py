@@ -62,6 +62,9 @@ STORAGE_RETRY_SECONDS = 0.1
 #: broker grows to 1M queued commands (bench/RESULTS.md); with it a
 #: collection only walks what is younger than the last freeze (worst pause then: 70 ms).
 FREEZE_EVERY = 20_000
+#: A connection's replies are written once this many bytes wait, not only at the end of
+#: the batch, so that the transport can pause a client that does not read.
+OUT_FLUSH_BYTES = 256 << 10
 #: The exit code of a broker that stopped because a record could not be logged.
 EXIT_CANNOT_LOG = 70
 
@@ -101,6 +104,11 @@ class Connection(asyncio.Protocol):
         #: Replies waiting for the log position they need: (lsn, bytes, request id, verb).
         self.held: deque[tuple[int, bytes, int | None, str | None]] = deque()
         self.out: list[bytes] = []
+        #: Bytes in `out`: past OUT_FLUSH_BYTES they are written before the next request.
+        self.out_bytes = 0
+        #: The transport's buffer is over its high-water mark: handle no more requests
+        #: (their replies would pile up in memory) until it drains.
+        self.write_paused = False
         self.closing = False
         #: The client will send nothing more (see eof_received).
         self.eof = False
@@ -138,10 +146,13 @@ class Connection(asyncio.Protocol):
             self.server.disconnected(self)
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         self._pause_reading("write-buffer")
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         self._resume_reading("write-buffer")
+        self._schedule_drain()
 
     # request flow ------------------------------------------------------------
 
@@ -159,6 +170,8 @@ class Connection(asyncio.Protocol):
             if self.inflight >= limit:
                 self._pause_reading("inflight")
                 return
+            if self.write_paused:
+                return  # resume_writing carries on
             event = self.backlog.popleft()
             self.inflight += 1
             if isinstance(event, BadInput):
@@ -167,6 +180,8 @@ class Connection(asyncio.Protocol):
                     self.close_after_flush()
                 continue
             server.handle(self, event)
+            if self.out_bytes >= OUT_FLUSH_BYTES:
+                self.flush()  # may pause writing: a client that does not read stops here
 
     def reply(self, req: Request, kind: str, body: Any, need: int | None = None) -> None:
         try:
@@ -207,12 +222,15 @@ class Connection(asyncio.Protocol):
             server.holding.add(self)
         else:
             self.out.append(data)
+            self.out_bytes += len(data)
         server.dirty.add(self)
 
     def release(self, durable_lsn: int) -> None:
         held = self.held
         while held and held[0][0] <= durable_lsn:
-            self.out.append(held.popleft()[1])
+            data = held.popleft()[1]
+            self.out.append(data)
+            self.out_bytes += len(data)
         if not held:
             self.server.holding.discard(self)
 
@@ -222,7 +240,9 @@ class Connection(asyncio.Protocol):
         encode = self.codec.encode_error
         while self.held:
             _, _, req_id, verb = self.held.popleft()
-            self.out.append(encode(req_id, verb, err))
+            data = encode(req_id, verb, err)
+            self.out.append(data)
+            self.out_bytes += len(data)
         self.server.holding.discard(self)
 
     def flush(self) -> None:
@@ -230,6 +250,7 @@ class Connection(asyncio.Protocol):
             data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
             self.transport.write(data)
         self.out.clear()
+        self.out_bytes = 0
         if self.closing and not self.held and self.transport is not None:
             self.transport.close()
         elif self.eof and not (self.inflight or self.backlog or self.held):
@@ -238,12 +259,20 @@ class Connection(asyncio.Protocol):
                 self.transport.close()
         elif self.inflight < self.server.config.limits.max_inflight:
             self._resume_reading("inflight")
-            if self.backlog and not self._drain_scheduled and not self._text_blocked():
-                # Requests read ahead waited for replies to go out (a blocked text request
-                # was answered, or the in-flight limit is no longer reached): carry on with
-                # them now, not when the client happens to send more.
-                self._drain_scheduled = True
-                self.server.loop.call_soon(self._continue_backlog)
+            self._schedule_drain()
+
+    def _schedule_drain(self) -> None:
+        if (
+            self.backlog
+            and not self._drain_scheduled
+            and not self.write_paused
+            and not self._text_blocked()
+        ):
+            # Requests read ahead waited for replies to go out (a blocked text request was
+            # answered, the in-flight limit is no longer reached, the client read its
+            # replies): carry on with them now, not when the client happens to send more.
+            self._drain_scheduled = True
+            self.server.loop.call_soon(self._continue_backlog)
 
     def _text_blocked(self) -> bool:
         return self.codec.mode is Mode.TEXT and bool(self.blocked)

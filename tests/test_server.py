@@ -233,6 +233,31 @@ async def test_requests_past_the_inflight_limit_are_served_once_replies_leave(
     await server.stop()
 
 
+async def test_a_client_that_does_not_read_holds_a_bounded_amount_of_replies(
+    server: Server, raw: Connect
+) -> None:
+    """Requests are handled only while the client reads their replies: one that pipelines
+    requests with big replies and never reads must not make the broker buffer them all
+    (an audit grew the broker by over 1 GiB that way). When it reads, it gets them all."""
+    c: RawMsgpack = await raw()
+    package = (await c.ok("SUBMIT", {"commands": [{"resource": "r", "action": "a"}] * 500}))[
+        "package"
+    ]
+    ids = [c.send("STATUS", {"id": package, "commands": True}) for _ in range(300)]
+    reply_size = len(msgpack.packb(server.core.status(package, True)))
+    (conn,) = server.connections.values()
+    for _ in range(500):  # bounded: the broker pauses this client within a few loop passes
+        if conn.write_paused and conn.backlog:
+            break
+        await asyncio.sleep(0.01)
+    assert conn.write_paused and conn.backlog
+    assert conn.transport is not None
+    buffered = conn.transport.get_write_buffer_size() + conn.out_bytes
+    assert buffered < 2 * reply_size + (1 << 20) < 300 * reply_size
+    assert all(m[1] == "ok" for m in [await c.reply() for _ in ids])
+    assert await c.ok("PING") == "pong"
+
+
 async def test_next_timeout_is_empty_not_error(raw: Connect) -> None:
     c: RawMsgpack = await raw()
     assert await c.call("NEXT", {"resource": "r", "timeout": 0}) == [1, "empty", None]
