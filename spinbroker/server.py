@@ -727,12 +727,13 @@ class Server:
                     del self.waits[blocked.package]
 
     def input_ended(self, conn: Connection) -> None:
-        """`conn` sent EOF: its parked NEXTs end as if timed out (see `_take`); what else
-        it sent is answered, then `Connection.flush` closes it."""
+        """`conn` sent EOF: its parked NEXTs and WAITs end as if timed out (and later ones
+        do not park: see `_take`, `_wait`), so that a client that closed is not kept
+        waiting for events that may never come; every other reply goes out once its
+        records are durable, then `Connection.flush` closes the connection."""
         for blocked in list(conn.blocked):
-            if blocked.waiter is not None:
-                self._unblock(blocked)
-                conn.reply(blocked.req, "empty", None)
+            self._unblock(blocked)
+            conn.reply(blocked.req, "empty", None)
         self.dirty.add(conn)
         self.after_batch()
 
@@ -844,7 +845,7 @@ class Server:
         if pkg.finished:
             conn.reply(req, "ok", pkg.status())
             return
-        if timeout == 0:
+        if timeout == 0 or conn.eof:
             conn.reply(req, "empty", None)
             return
         blocked = Blocked(conn, req)

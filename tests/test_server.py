@@ -153,8 +153,8 @@ async def test_a_record_the_log_cannot_hold_stops_the_broker_at_once(
 @pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
 async def test_a_client_that_half_closes_still_gets_every_reply(server: Server, tcp: bool) -> None:
     """`printf 'NEW\\n' | nc -N host port`: the client shuts down its sending side at once.
-    Everything it sent is answered (a durable NEW; a NEXT, which no longer waits), then
-    the connection is closed."""
+    Everything it sent is answered (a durable NEW; NEXT and WAIT, which no longer wait),
+    then the connection is closed."""
     reader, writer = await open_stream(server, tcp)
     writer.write(b"NEW\nNEXT idle 0.05\nPING\n")
     writer.write_eof()
@@ -163,9 +163,12 @@ async def test_a_client_that_half_closes_still_gets_every_reply(server: Server, 
     assert len(lines) == 3 and lines[0].startswith("OK ") and lines[1:] == ["EMPTY", "PONG"]
     writer.close()
     raw = RawMsgpack(*await open_stream(server, tcp))
-    blocked = raw.send("NEXT", {"resource": "idle", "timeout": 0.05})
+    package = (await raw.ok("SUBMIT", {"commands": [{"resource": "busy", "action": "a"}]}))[
+        "package"
+    ]
+    waiting = [raw.send("NEXT", {"resource": "idle"}), raw.send("WAIT", {"package": package})]
     raw.writer.write_eof()
-    assert await raw.reply() == [blocked, "empty", None]
+    assert sorted([await raw.reply(), await raw.reply()]) == [[n, "empty", None] for n in waiting]
     assert await raw.closed()
 
 
