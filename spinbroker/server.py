@@ -25,6 +25,8 @@ import gc
 import logging
 import os
 import signal
+import socket
+import stat
 import time
 from collections import deque
 from collections.abc import Callable, Collection
@@ -385,16 +387,21 @@ class Server:
         self._lock_data_dir(data_dir)
         try:
             await self._recover(data_dir)
+            await self._listen_unix(self.socket_path)
+            if self.config.tcp is not None:
+                host, port = self.config.tcp
+                srv = await self.loop.create_server(self._make_connection, host, port)
+                self._servers.append(srv)
+                self.tcp_port = srv.sockets[0].getsockname()[1]
+                log.info("listening on tcp %s:%d", host, self.tcp_port)
         except BaseException:
+            for listening in self._servers:
+                listening.close()
+            if self.wal is not None:
+                with contextlib.suppress(Exception):
+                    await self.wal.close()
             self._unlock()
             raise
-        await self._listen_unix(self.socket_path)
-        if self.config.tcp is not None:
-            host, port = self.config.tcp
-            srv = await self.loop.create_server(self._make_connection, host, port)
-            self._servers.append(srv)
-            self.tcp_port = srv.sockets[0].getsockname()[1]
-            log.info("listening on tcp %s:%d", host, self.tcp_port)
         self._schedule_tick()
 
     async def _recover(self, data_dir: Path) -> None:
@@ -440,9 +447,7 @@ class Server:
         self._lock_fd = fd
 
     async def _listen_unix(self, path: Path) -> None:
-        if path.exists():
-            # We hold the data dir lock, so a socket file left here is stale.
-            path.unlink()
+        _claim_socket_path(path)
         old_umask = os.umask(0o177)
         try:
             srv = await self.loop.create_unix_server(self._make_connection, str(path))
@@ -967,6 +972,27 @@ class Server:
             out["snapshot_fork_ms"] = round(snap.last_fork_s * 1000, 3)
             out["snapshot_seconds"] = round(snap.last_took_s, 3)
         return out
+
+
+def _claim_socket_path(path: Path) -> None:
+    """Remove a stale socket file at `path` (one left by a broker that was killed). The
+    socket path need not be inside the data dir, so holding the data dir's lock does not
+    make it ours: refuse a path another process listens on, or a file that is no socket."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise RuntimeError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)  # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise RuntimeError(f"socket {path} is in use by another process")
 
 
 def _next_args(args: dict[str, Any]) -> tuple[str, float | None, float | None]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import stat
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -473,6 +475,42 @@ async def test_data_dir_is_locked(make_server: Connect, server: Server) -> None:
     twin = Server(ServerConfig(data_dir=server.config.data_dir, tcp=None))
     with pytest.raises(RuntimeError, match="in use"):
         await twin.start()
+
+
+async def test_a_socket_path_another_broker_listens_on_is_refused(
+    server: Server, raw: Connect, tmp_path: Path
+) -> None:
+    """--socket need not be inside the data dir: a second broker (another data dir, same
+    socket path) must not take the first one's socket away; a stale one it replaces."""
+    from spinbroker.config import ServerConfig
+
+    shared = server.socket_path
+    twin = Server(ServerConfig(data_dir=tmp_path / "twin", socket=shared, tcp=None))
+    with pytest.raises(RuntimeError, match="in use by another process"):
+        await twin.start()
+    await still_serving(raw)  # the first broker's socket is still there
+
+    stale = tmp_path / "stale.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(stale))
+    dead.close()  # a socket file nobody listens on, as a killed broker leaves
+    revived = Server(ServerConfig(data_dir=tmp_path / "revived", socket=stale, tcp=None))
+    await revived.start()
+    c = RawMsgpack(*await asyncio.open_unix_connection(str(stale)))
+    assert await c.ok("PING") == "pong"
+    await c.close()
+    await revived.stop()
+
+    not_a_socket = tmp_path / "file"
+    not_a_socket.write_text("mine")
+    third = Server(ServerConfig(data_dir=tmp_path / "third", socket=not_a_socket, tcp=None))
+    with pytest.raises(RuntimeError, match="not a socket"):
+        await third.start()
+    assert not_a_socket.read_text() == "mine"
+    # a broker that could not listen let go of its data dir (lock and log)
+    again = Server(ServerConfig(data_dir=tmp_path / "third", socket=tmp_path / "ok", tcp=None))
+    await again.start()
+    await again.stop()
 
 
 async def test_announced_schema_refuses_bad_commands_at_add(raw: Connect) -> None:
