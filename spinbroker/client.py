@@ -74,7 +74,8 @@ def parse_address(addr: str) -> Address:
     """`unix:/path` or a path containing `/` is a Unix socket; `host:port` is TCP.
 
     Returns `("unix", path)` or `("tcp", host, port)`. IPv6 hosts go in brackets:
-    `[::1]:7878`. Raises ValueError with the accepted forms otherwise.
+    `[::1]:7878`; `:PORT` is `127.0.0.1:PORT`. Raises ValueError with the accepted forms
+    otherwise.
     """
     if addr.startswith("unix:"):
         path = addr[len("unix:") :]
@@ -84,8 +85,10 @@ def parse_address(addr: str) -> Address:
     if "/" in addr:
         return ("unix", addr)
     host, sep, port_text = addr.rpartition(":")
-    if not sep or not host:
+    if not sep:
         raise ValueError(f"address {addr!r}: {_ADDRESS_HELP}")
+    if not host:
+        host = "127.0.0.1"
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:

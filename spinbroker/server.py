@@ -24,6 +24,7 @@ import fcntl
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -64,6 +65,9 @@ STORAGE_RETRY_SECONDS = 0.1
 #: broker grows to 1M queued commands (bench/RESULTS.md); with it a
 #: collection only walks what is younger than the last freeze (worst pause then: 70 ms).
 FREEZE_EVERY = 20_000
+#: File descriptors kept for all but connections: log segments and snapshots, listeners,
+#: the data dir lock, stdio, a forked snapshot writer's files (see `fit_connections`).
+FD_RESERVE = 64
 #: A connection's replies are written once this many bytes wait, not only at the end of
 #: the batch, so that the transport can pause a client that does not read.
 OUT_FLUSH_BYTES = 256 << 10
@@ -347,6 +351,8 @@ class Server:
         #: Parked WAITs per package, in arrival order (a dict: one leaves in O(1)).
         self.waits: dict[str, dict[Blocked, None]] = {}
         self.tcp_port: int | None = None
+        #: --max-connections, or fewer if the open-file limit leaves room for fewer.
+        self.max_connections = config.limits.max_connections
         self.loop: asyncio.AbstractEventLoop  # set by start()
         self._servers: list[asyncio.AbstractServer] = []
         self._next_conn = 0
@@ -385,6 +391,7 @@ class Server:
         data_dir = self.config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_data_dir(data_dir)
+        self.max_connections = fit_connections(self.config.limits.max_connections)
         try:
             await self._recover(data_dir)
             await self._listen_unix(self.socket_path)
@@ -464,7 +471,7 @@ class Server:
     def admit(self, conn: Connection) -> bool:
         """Refuse a connection over the limit (or while stopping) with one text error line:
         its mode is not known yet, and a line is what a person or a log can read."""
-        if len(self.connections) < self.config.limits.max_connections and not self._stopping:
+        if len(self.connections) < self.max_connections and not self._stopping:
             return True
         code = ErrorCode.SHUTTING_DOWN if self._stopping else ErrorCode.LIMIT_EXCEEDED
         msg = "broker is stopping" if self._stopping else "too many connections"
@@ -972,6 +979,34 @@ class Server:
             out["snapshot_fork_ms"] = round(snap.last_fork_s * 1000, 3)
             out["snapshot_seconds"] = round(snap.last_took_s, 3)
         return out
+
+
+def fit_connections(wanted: int) -> int:
+    """Raise the open-file limit (up to its hard limit) to what `wanted` connections and
+    FD_RESERVE need; returns how many connections it leaves room for. Past the limit a
+    new client would be dropped at accept() with no error line, and the log could fail
+    to open a segment (EMFILE) under an honest workload."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + FD_RESERVE
+    infinity = resource.RLIM_INFINITY
+    if soft != infinity and soft < need:
+        target = need if hard == infinity else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit to %d: %s", target, exc)
+    if soft == infinity or soft >= need:
+        return wanted
+    fitting = max(1, soft - FD_RESERVE)
+    log.warning(
+        "the open-file limit (%d) leaves room for %d connections, not --max-connections %d "
+        "(raise it with ulimit -n)",
+        soft,
+        fitting,
+        wanted,
+    )
+    return fitting
 
 
 def _claim_socket_path(path: Path) -> None:

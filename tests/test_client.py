@@ -58,6 +58,8 @@ from spinbroker.errors import BrokerError, ErrorCode
         ("localhost:1", ("tcp", "localhost", 1)),
         ("broker.example:0", ("tcp", "broker.example", 0)),
         ("[::1]:7878", ("tcp", "::1", 7878)),
+        (":7878", ("tcp", "127.0.0.1", 7878)),  # no host: loopback
+        (":0", ("tcp", "127.0.0.1", 0)),
     ],
 )
 def test_parse_address_accepts(text: str, expected: tuple[Any, ...]) -> None:
@@ -71,7 +73,6 @@ def test_parse_address_accepts(text: str, expected: tuple[Any, ...]) -> None:
         ("unix:", "empty socket path"),
         ("localhost", "host:port"),
         ("spinbroker.sock", "host:port"),
-        (":7878", "host:port"),
         ("host:", "port must be"),
         ("host:http", "port must be"),
         ("host:65536", "port must be"),

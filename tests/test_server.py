@@ -469,6 +469,59 @@ async def test_connection_limit(make_server: Connect) -> None:
     await server.stop()
 
 
+@pytest.mark.parametrize(
+    ("soft", "hard", "settable", "expected_soft", "expected_max"),
+    [
+        (1024, 4096, True, 1064, 1000),  # raised to what is needed
+        (128, 128, True, 128, 64),  # the hard limit caps it: fewer connections
+        (128, 4096, False, 128, 64),  # raising refused: fewer connections
+        (100_000, 200_000, True, 100_000, 1000),  # enough already: untouched
+    ],
+)
+def test_the_open_file_limit_is_raised_or_the_connections_fit_it(
+    monkeypatch: pytest.MonkeyPatch,
+    soft: int,
+    hard: int,
+    settable: bool,
+    expected_soft: int,
+    expected_max: int,
+) -> None:
+    import resource
+
+    from spinbroker import server as server_module
+
+    limits = {"soft": soft}
+
+    def setrlimit(kind: int, values: tuple[int, int]) -> None:
+        if not settable:
+            raise ValueError("not allowed")
+        limits["soft"] = values[0]
+
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (limits["soft"], hard))
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    assert server_module.fit_connections(1000) == expected_max
+    assert limits["soft"] == expected_soft
+
+
+async def test_a_broker_admits_only_the_connections_its_file_limit_fits(
+    make_server: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spinbroker import server as server_module
+
+    monkeypatch.setattr(server_module, "fit_connections", lambda wanted: 2)
+    server: Server = await make_server(Limits(max_connections=10_000))
+    assert server.max_connections == 2
+    kept = [RawMsgpack(*await asyncio.open_unix_connection(str(server.socket_path))) for _ in "ab"]
+    for c in kept:
+        assert await c.ok("PING") == "pong"
+    r, w = await asyncio.open_unix_connection(str(server.socket_path))
+    assert (await r.readline()).startswith(b"ERR limit_exceeded ")
+    w.close()
+    for c in kept:
+        await c.close()
+    await server.stop()
+
+
 async def test_data_dir_is_locked(make_server: Connect, server: Server) -> None:
     from spinbroker.config import ServerConfig
 
