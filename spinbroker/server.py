@@ -357,6 +357,7 @@ class Server:
         self._servers: list[asyncio.AbstractServer] = []
         self._next_conn = 0
         self._tick_handle: asyncio.TimerHandle | None = None
+        self._snapshot_timer: asyncio.TimerHandle | None = None
         self._tick_at: float | None = None
         self._lock_fd: int | None = None
         self._stopping = False
@@ -503,6 +504,8 @@ class Server:
                 await srv.wait_closed()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
+        if self._snapshot_timer is not None:
+            self._snapshot_timer.cancel()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         try:
@@ -697,7 +700,23 @@ class Server:
             except OSError:
                 return  # logged; the next one is due after another interval
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._snapshot_done)
+        elif (
+            snap.running is None
+            and self.appended_lsn > snap.last_lsn
+            and self._snapshot_timer is None
+        ):
+            # Changes wait for the interval: come back then even if no request comes.
+            delay = max(0.01, config.snapshot_interval - (time.monotonic() - snap.last_at))
+            self._snapshot_timer = self.loop.call_later(delay, self._snapshot_timer_fired)
+
+    def _snapshot_timer_fired(self) -> None:
+        self._snapshot_timer = None
+        self._maybe_snapshot()
+
+    def _snapshot_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._maybe_snapshot()  # records made while it ran wait for the interval
 
     def _delivery_need(
         self, cmd: Command, everything_before: int, unlogged: Collection[Command]

@@ -522,6 +522,25 @@ async def test_a_broker_admits_only_the_connections_its_file_limit_fits(
     await server.stop()
 
 
+async def test_an_idle_broker_snapshots_its_changes_after_the_interval(
+    make_server: Connect,
+) -> None:
+    """--snapshot-interval S: a snapshot S seconds after a change, even if no request
+    comes after it to notice the time has come."""
+    server: Server = await make_server(snapshot_interval=0.2, snapshot_every=1 << 30)
+    snapshots = server.config.data_dir.glob
+    c = RawMsgpack(*await asyncio.open_unix_connection(str(server.socket_path)))
+    await c.ok("SUBMIT", {"commands": [{"resource": "r", "action": "a"}]})
+    assert not list(snapshots("snap-*"))
+    for _ in range(500):  # bounded: 5 s for a 0.2 s interval
+        if list(snapshots("snap-*")):
+            break
+        await asyncio.sleep(0.01)
+    assert list(snapshots("snap-*")), "no snapshot of the idle broker's change"
+    await c.close()
+    await server.stop()
+
+
 async def test_data_dir_is_locked(make_server: Connect, server: Server) -> None:
     from spinbroker.config import ServerConfig
 
