@@ -271,6 +271,7 @@ def _add_message_parsers(subparsers: Any, conn: argparse.ArgumentParser) -> None
     p.add_argument(
         "params",
         nargs="*",
+        default=[],  # optional: without a default argparse calls it required in errors
         metavar="key=value",
         help="a parameter; the value is JSON if it parses (50, true, {...}), else a string",
     )
@@ -351,10 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=_run_client, handler=handler, parser=p)
         _json_option(p)
 
-    wal = subparsers.add_parser("wal", help="inspect or repair a data directory's log")
-    wal.add_argument("action", choices=("inspect", "repair"))
-    wal.add_argument("datadir", metavar="DATADIR", type=Path)
-    wal.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    # Everything after `wal` goes to its own parser (spinbroker/wal/inspect.py), --help
+    # included: `spinbroker wal inspect --help` lists inspect's options.
+    wal = subparsers.add_parser(
+        "wal",
+        help="inspect or repair a data directory's log (`wal inspect|repair DATADIR`)",
+        add_help=False,
+    )
+    wal.add_argument("rest", nargs=argparse.REMAINDER)
     wal.set_defaults(run=_wal, parser=wal)
     return parser
 
@@ -365,6 +370,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     # Options may come between a subcommand's trailing words (`add P r a x=1 --dep D y=2`):
     # argparse hands back the words after an option as unknown; they belong to `trailing`.
+    if args.run is _wal:  # its own parser reads everything after `wal` (see build_parser)
+        args.rest = [*args.rest, *extra]
+        return args
     trailing = getattr(args, "trailing", None)
     if trailing is not None:
         words = [w for w in extra if not w.startswith("-")]
@@ -669,7 +677,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _wal(args: argparse.Namespace) -> int:
     from spinbroker.wal.inspect import main as wal_main
 
-    result: int = wal_main([args.action, str(args.datadir), *args.rest])
+    result: int = wal_main(args.rest)
     return result
 
 

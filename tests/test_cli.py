@@ -313,14 +313,23 @@ def test_wal_delegates_to_the_wal_inspector(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setitem(sys.modules, "spinbroker.wal.inspect", types.SimpleNamespace(main=wal_main))
     assert main(["wal", "inspect", "/d", "--records"]) == 5
+    assert main(["wal", "inspect", "--records", "/d"]) == 5
     assert main(["wal", "repair", "/d"]) == 5
-    assert calls == [["inspect", "/d", "--records"], ["repair", "/d"]]
+    assert main(["wal", "--help"]) == 5
+    assert calls == [
+        ["inspect", "/d", "--records"],
+        ["inspect", "--records", "/d"],
+        ["repair", "/d"],
+        ["--help"],
+    ]
 
 
 def test_wal_inspect_for_real(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("spinbroker.wal.inspect")
-    assert main(["wal", "inspect", str(tmp_path)]) == EXIT_OK
+    assert main(["wal", "inspect", "--records", str(tmp_path)]) == EXIT_OK
     assert "segments: 0" in capsys.readouterr().out
+    assert main(["wal", "inspect", "--help"]) == EXIT_OK
+    assert "--records" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- output for people

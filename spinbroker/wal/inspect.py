@@ -113,7 +113,11 @@ def _verdict(files: FileLayer, directory: Path, segments: list[ScannedSegment]) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`inspect DATADIR [--records] [--raw]` or `repair DATADIR`; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="spinbroker wal", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="spinbroker wal",
+        description="Inspect or repair the write-ahead log of a broker's data directory "
+        "(while no broker runs on it). `spinbroker wal inspect --help` lists its options.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     show = commands.add_parser("inspect", help="list segments and snapshots, verify checksums")
     show.add_argument("directory", type=Path)
