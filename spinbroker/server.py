@@ -434,7 +434,8 @@ class Server:
         self.core.readied.clear()  # replayed: all of it is durable
         self._frozen_at = self.appended_lsn  # persist.recover froze what it built
         self.ready_lsns = ReadyLsns(self.core.next_order)
-        self.snapshotter = Snapshotter(wal)
+        lock = () if self._lock_fd is None else (self._lock_fd,)
+        self.snapshotter = Snapshotter(wal, parent_only_fds=lock)
         self.snapshotter.last_lsn = self.recovery.snapshot_lsn
         self._append_outbox()
         await wal.commit()

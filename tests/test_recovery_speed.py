@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import os
+import select
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -402,3 +403,37 @@ def test_replay_of_the_nested_one_command_submit_of_older_logs() -> None:
         assert persist._replay(broker, iter([(1, body)]), 0, 0.0, lambda: 0.0) == 1
     assert observable(brokers[0]) == observable(brokers[1])
     assert brokers[0].commands["c1"].state == brokers[1].commands["c1"].state
+
+
+def test_a_snapshot_child_does_not_hold_the_data_dir_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker killed alone while its snapshot child runs must be restartable at once:
+    the child closes its copy of the lock's descriptor before anything else (a flock is
+    held while any copy of it is open)."""
+    import fcntl
+
+    lock_path = tmp_path / "lock"
+    lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    go_read, go_write = os.pipe()
+    ready_read, ready_write = os.pipe()
+    dump = state.dump_packed
+
+    def slow_dump(broker: Broker) -> bytes:  # runs in the child: wait for the test's word
+        os.write(ready_write, b"r")  # the child is past its start-up (fds closed)
+        select.select([go_read], [], [], 10.0)  # bounded, should the test fail first
+        return dump(broker)
+
+    monkeypatch.setattr(persist.state, "dump_packed", slow_dump)
+    pid = persist._fork_writer(Broker(LIMITS), tmp_path, 1, (lock_fd,))
+    try:
+        assert select.select([ready_read], [], [], 10.0)[0], "the child never started"
+        os.close(lock_fd)  # the parent is gone: only the child could hold the lock now
+        again = os.open(lock_path, os.O_RDWR)
+        fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the child holds it
+        os.close(again)
+    finally:
+        os.write(go_write, b"x")
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
