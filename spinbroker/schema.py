@@ -58,8 +58,10 @@ Wire format (schema version 1)
 "description"?: str}}}`` where a param is ``{"type": str, "required": bool, "default"?:
 value, "description"?: str, "minimum"?: num, "maximum"?: num, "min_length"?: int,
 "max_length"?: int, "fields"?: {name: param}, "extra"?: bool, "values"?: param, "items"?:
-param}``. Every value is plain msgpack. `from_wire` refuses unknown keys, wrong types, and
-nesting deeper than `MAX_DEPTH`.
+param}``. Every value is plain msgpack. `from_wire` refuses unknown keys, wrong types,
+specs nested deeper than `MAX_DEPTH`, and anything msgpack (so the broker's log) cannot carry
+anywhere in the schema (`unencodable`): maps and lists nested more than `MAX_NESTING` levels
+in all (defaults included), a str holding a lone surrogate, an int outside msgpack's range.
 """
 
 from __future__ import annotations
@@ -79,6 +81,13 @@ from typing import Any, Final
 WIRE_VERSION: Final = 1
 #: How deep map/list specs may nest; bounds the work `from_wire` and `validate` can be made to do.
 MAX_DEPTH: Final = 16
+#: How deep maps and lists may nest in a value a client hands the broker (a request's args,
+#: a schema with its defaults): generous for real parameters, and far below Python's
+#: recursion limit, so copying, printing or packing such a value can never exhaust it.
+MAX_NESTING: Final = 100
+#: The ints msgpack can carry: int 64 down to -2^63, uint 64 up to 2^64-1.
+INT_MIN: Final = -(1 << 63)
+INT_MAX: Final = (1 << 64) - 1
 #: Names of actions follow the protocol's rule for `resource` and `action`.
 ACTION_NAME = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}")
 MAX_NAME_LENGTH: Final = 128
@@ -220,6 +229,34 @@ def _check_name(name: object, what: str) -> None:
 
 
 # -- checking values -------------------------------------------------------------------------
+
+
+def unencodable(value: object, max_depth: int = MAX_NESTING) -> str | None:
+    """What in `value` msgpack (and so the broker's log) cannot carry, or None.
+
+    That is: maps and lists nested more than `max_depth` levels (`value` itself is level 1),
+    a str holding a lone surrogate (JSON's `"\\ud800"` decodes to one; UTF-8 has none), an
+    int outside -2^63 to 2^64-1. The walk is iterative: any value is safe to ask about.
+    """
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():  # O(1); only non-ASCII text can hold a surrogate
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    char = item[exc.start]
+                    return f"a string with a lone surrogate {char!r}, which is not UTF-8"
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not INT_MIN <= item <= INT_MAX:
+                return "an integer outside msgpack's range -2^63 to 2^64-1"
+        elif isinstance(item, dict | list | tuple):
+            if depth > max_depth:
+                return f"maps and lists nested more than {max_depth} levels deep"
+            children = (x for kv in item.items() for x in kv) if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
 
 
 def _at(path: str) -> str:
@@ -449,6 +486,9 @@ class ResourceSchema:
     def from_wire(cls, data: object) -> ResourceSchema:
         """Rebuilds a schema announced by an agent; `SchemaError` if it is not well formed."""
         wire = _expect_map(data, "schema")
+        problem = unencodable(wire)
+        if problem is not None:
+            raise SchemaError(f"schema: holds {problem}")
         _refuse_unknown_keys(wire, {"schema", "actions"}, "schema")
         if wire.get("schema") != WIRE_VERSION:
             raise SchemaError(f"schema: version must be {WIRE_VERSION}, got {wire.get('schema')!r}")

@@ -12,6 +12,7 @@ import pytest
 
 from spinbroker.schema import (
     MAX_DEPTH,
+    MAX_NESTING,
     MISSING,
     ActionSpec,
     Anything,
@@ -32,6 +33,7 @@ from spinbroker.schema import (
     from_wire,
     optional,
     params_from_signature,
+    unencodable,
 )
 
 
@@ -412,6 +414,83 @@ def _one_param(param: Any) -> dict[str, Any]:
 def test_from_wire_refuses_malformed_schemas(wire: Any, message: str) -> None:
     with pytest.raises(SchemaError, match=message.replace("(", r"\(").replace("?", r"\?")):
         from_wire(wire)
+
+
+def _nest(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _optional_any(default: Any) -> dict[str, Any]:
+    return _one_param({"type": "any", "required": False, "default": default})
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (
+            {"schema": 1, "actions": {"a": {"description": "\ud800"}}},
+            "lone surrogate '\\ud800'",
+        ),
+        ({"schema": 1, "actions": {"a": {"parameters": {"\udc00": {"type": "any"}}}}}, "surrogate"),
+        (_optional_any(["ok", "\ud800"]), "surrogate"),
+        (_one_param({"type": "int", "minimum": 99999999999999999999999}), "outside msgpack"),
+        (_one_param({"type": "int", "maximum": -(2**63) - 1}), "outside msgpack"),
+        (_one_param({"type": "str", "max_length": 2**64}), "outside msgpack"),
+        (_optional_any({"deep": _nest(600)}), f"nested more than {MAX_NESTING} levels"),
+    ],
+)
+def test_from_wire_refuses_what_msgpack_cannot_carry(wire: Any, message: str) -> None:
+    """Such a schema passed every other check, then the broker could not pack its record
+    (audit h1: a text-mode ANNOUNCE with `"\\ud800"` in a description poisoned the log)."""
+    with pytest.raises(SchemaError) as refused:
+        from_wire(wire)
+    assert refused.value.message.startswith("schema: holds ")
+    assert message in refused.value.message
+
+
+def test_from_wire_takes_what_msgpack_can_carry() -> None:
+    wire = _optional_any({"deep": _nest(MAX_NESTING - 8), "text": "caf\u00e9 \U0001f600"})
+    wire["actions"]["a"]["parameters"]["n"] = {"type": "int", "minimum": -(2**63)}
+    wire["actions"]["a"]["parameters"]["m"] = {"type": "int", "maximum": 2**64 - 1}
+    msgpack.packb(wire)
+    assert from_wire(wire).validate("a", {"n": 1, "m": 1})["p"]["text"] == "caf\u00e9 \U0001f600"
+
+
+def test_a_deep_default_is_refused_before_anything_copies_it() -> None:
+    """A default nested 600 deep made every later SUBMIT fail with an internal
+    RecursionError in its deep copy (audit h1, t03); the schema is now refused instead."""
+    with pytest.raises(SchemaError, match="nested more than"):
+        from_wire(_optional_any(_nest(600)))
+    problem = check_command(_optional_any(_nest(600)), "a", {})
+    assert problem is not None
+    assert problem.startswith("the announced schema is malformed: schema: holds maps and lists")
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (_nest(MAX_NESTING), None),  # the outer list is level 1, the innermost level 100
+        (_nest(MAX_NESTING + 1), f"maps and lists nested more than {MAX_NESTING} levels deep"),
+        (_nest(100_000), f"maps and lists nested more than {MAX_NESTING} levels deep"),
+        ({"k": {"k": 1}}, None),
+        ("\ud800", "a string with a lone surrogate '\\ud800', which is not UTF-8"),
+        ({"\udfff": 1}, "a string with a lone surrogate '\\udfff', which is not UTF-8"),
+        ("\ud83d\ude00", "a string with a lone surrogate '\\ud83d', which is not UTF-8"),
+        ("\U0001f600", None),
+        (2**64 - 1, None),
+        (2**64, "an integer outside msgpack's range -2^63 to 2^64-1"),
+        (-(2**63), None),
+        (-(2**63) - 1, "an integer outside msgpack's range -2^63 to 2^64-1"),
+        ((1, b"\xff", 1.5e300, None, True), None),
+    ],
+)
+def test_unencodable_names_what_msgpack_cannot_carry(value: Any, problem: str | None) -> None:
+    assert unencodable(value) == problem
+    if problem is None and not isinstance(value, list):
+        msgpack.packb(value)
 
 
 # -- specs from type hints ---------------------------------------------------------------------

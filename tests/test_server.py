@@ -636,6 +636,33 @@ async def test_a_person_announces_a_schema_in_text_mode(text: Connect) -> None:
     assert (await c.say('ANNOUNCE net {"schema": 99}')).startswith("ERR bad_request ")
 
 
+@pytest.mark.parametrize(
+    "schema",
+    [
+        '{"schema":1,"actions":{"a":{"description":"\\ud800"}}}',
+        '{"schema":1,"actions":{"a":{"parameters":{"\\ud800":{"type":"any"}}}}}',
+        '{"schema":1,"actions":{"a":{"parameters":{"p":{"type":"int",'
+        '"minimum":99999999999999999999999}}}}}',
+        '{"schema":1,"actions":{"a":{"parameters":{"p":{"type":"any","required":false,'
+        '"default":' + "[" * 150 + "]" * 150 + "}}}}}",
+    ],
+    ids=["surrogate_description", "surrogate_name", "huge_minimum", "deep_default"],
+)
+async def test_a_schema_the_log_cannot_carry_is_refused(
+    text: Connect, raw: Connect, schema: str
+) -> None:
+    """Audit h1 (t05, t06, t21): such an ANNOUNCE passed the schema check, then the broker
+    could not pack its record, and every later change of every client failed with it."""
+    c: TextClient = await text()
+    reply = await c.say(f"ANNOUNCE sur {schema}")
+    assert reply.startswith("ERR bad_request "), reply
+    assert await c.say("PING") == "PONG"
+    other: RawMsgpack = await raw()
+    body = await other.ok("SUBMIT", {"commands": [{"resource": "r", "action": "a"}]})
+    assert (await other.ok("NEXT", {"resource": "r", "timeout": 0}))["id"] == body["commands"][0]
+    await other.close()
+
+
 async def test_complete_with_next_is_one_round_trip(raw: Connect) -> None:
     producer: RawMsgpack = await raw()
     body = await producer.ok(
