@@ -8,6 +8,8 @@ and the one-line rendering of replies and errors.
 It works on one already-framed line at a time. It must never frame bytes, buffer, decide
 the protocol mode, or know anything about the broker's state: framing and line limits live
 in `codec.py`, meaning lives in the core. Errors are returned as values, never raised out.
+It must never hand on a value msgpack cannot carry (JSON can spell a lone surrogate, an int
+of any size, any depth), since everything a request holds may end up in the log.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from enum import Enum
 from typing import Any, NoReturn
 
 from .errors import BrokerError, ErrorCode
+from .schema import INT_MAX, INT_MIN, MAX_NESTING, unencodable
 
 #: One usage line per verb, in the order HELP lists them. Also appended to text-mode
 #: `bad_request` messages so a person sees what was expected.
@@ -91,10 +94,17 @@ def _bare(raw: str) -> Any:
     # paying for an exception on every ordinary word.
     if raw and raw[0] in "-0123456789":
         try:
-            return _DECODER.decode(raw)
+            value = _DECODER.decode(raw)
         except ValueError:
-            pass
+            return raw
+        if type(value) is int and not INT_MIN <= value <= INT_MAX:
+            raise _bad(f"{_cut(raw)} is outside the integer range -2^63 to 2^64-1")
+        return value
     return raw
+
+
+def _cut(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(slots=True)
@@ -192,10 +202,18 @@ class _Cursor:
             raise _bad(f"bad JSON at column {exc.pos + 1}: {exc.msg}") from None
         except ValueError as exc:  # NaN / Infinity, see _reject_constant
             raise _bad(f"bad JSON at column {start + 1}: {exc}") from None
+        except RecursionError:  # the C scanner's own guard, some 900 levels down
+            raise _bad(
+                f"the JSON value at column {start + 1} holds maps and lists nested more than"
+                f" {MAX_NESTING} levels deep"
+            ) from None
         if end < len(line) and line[end] not in " \t":
             if not line[end].isascii():
                 raise _not_ascii(line, end)
             raise _bad(f"unexpected {line[end]!r} right after a JSON value at column {end + 1}")
+        problem = unencodable(value)
+        if problem is not None:
+            raise _bad(f"the JSON value at column {start + 1} holds {problem}")
         self.pos = end
         return value
 

@@ -555,6 +555,80 @@ def test_text_bad_requests_say_what_was_expected(line: str, verb: str, fragment:
     assert event.error.message.endswith("usage: " + TEXT_USAGE[verb])
 
 
+_SURROGATE = "lone surrogate '\\ud800'"
+_OUT_OF_RANGE = "outside the integer range -2^63 to 2^64-1"
+_TOO_DEEP = "maps and lists nested more than 100 levels deep"
+
+
+@pytest.mark.parametrize(
+    ("line", "verb", "fragment"),
+    [
+        # Every verb that takes JSON: the value is refused before anything can store it.
+        (
+            'ANNOUNCE sur {"schema":1,"actions":{"a":{"description":"\\ud800"}}}',
+            "ANNOUNCE",
+            _SURROGATE,
+        ),
+        (
+            'ANNOUNCE r {"schema":1,"x":99999999999999999999999}',
+            "ANNOUNCE",
+            "outside msgpack's range",
+        ),
+        (
+            'SUBMIT [{"resource":"r","action":"a","parameters":{"x":"\\ud800"}}]',
+            "SUBMIT",
+            _SURROGATE,
+        ),
+        ('SUBMIT [{"resource":"r","action":"a","parameters":{"\\ud800":1}}]', "SUBMIT", _SURROGATE),
+        (
+            'ADD p [{"resource":"r","action":"a","parameters":{"x":-9223372036854775809}}]',
+            "ADD",
+            "range",
+        ),
+        ('ADD p r a x="\\udfff"', "ADD", "lone surrogate '\\udfff'"),
+        ('ADD p r a x=["ok",{"k":"\\ud800"}]', "ADD", _SURROGATE),
+        ('ADD p r a --dep "\\ud800"', "ADD", _SURROGATE),
+        ('STATUS "\\ud800"', "STATUS", _SURROGATE),
+        ('NEXT "\\ud800" 0', "NEXT", _SURROGATE),
+        # Bare numbers are JSON too.
+        ("ADD p r a x=18446744073709551616", "ADD", _OUT_OF_RANGE),
+        ("ADD p r a x=-9223372036854775809", "ADD", _OUT_OF_RANGE),
+        ("NEXT r " + "9" * 400, "NEXT", _OUT_OF_RANGE),
+        ("WAIT p " + "9" * 400, "WAIT", _OUT_OF_RANGE),
+        ("TOUCH c " + "9" * 400, "TOUCH", _OUT_OF_RANGE),
+        ("COMPLETE c true --delivery " + "9" * 400, "COMPLETE", _OUT_OF_RANGE),
+        # Depth: past the limit, and far past Python's recursion limit.
+        ("ADD p r a x=" + "[" * 101 + "]" * 101, "ADD", _TOO_DEEP),
+        ("ADD p r a x=" + "[" * 5000 + "]" * 5000, "ADD", _TOO_DEEP),
+        ("SUBMIT " + "[" * 5000 + "]" * 5000, "SUBMIT", _TOO_DEEP),
+        ('ANNOUNCE r {"a":' + '{"a":' * 5000 + "1" + "}" * 5001, "ANNOUNCE", _TOO_DEEP),
+    ],
+)
+def test_text_json_msgpack_cannot_carry_is_a_bad_request(
+    line: str, verb: str, fragment: str
+) -> None:
+    """Audit h1: a lone surrogate or a huge int passed to the core (and an ANNOUNCE holding
+    one poisoned the log); a number of 400 digits made NEXT, WAIT and TOUCH fail with an
+    internal OverflowError; JSON 5000 levels deep raised RecursionError out of the codec,
+    which closed the connection without a reply."""
+    event = text(line)
+    assert isinstance(event, BadInput), event
+    assert (event.verb, event.error.code, event.fatal) == (verb, ErrorCode.BAD_REQUEST, False)
+    assert fragment in event.error.message
+
+
+def test_text_json_msgpack_can_carry_is_taken() -> None:
+    deep = "[" * 98 + "1" + "]" * 98
+    args = args_of(
+        f'ADD p r a big=18446744073709551615 small=-9223372036854775808 s="\\ud83d\\ude00" d={deep}'
+    )
+    assert args["parameters"]["big"] == 2**64 - 1
+    assert args["parameters"]["small"] == -(2**63)
+    assert args["parameters"]["s"] == "\U0001f600"  # a surrogate pair is one character
+    msgpack.packb(args)
+    assert args_of("ADD p r a id=" + "9" * 5000)["parameters"]["id"] == "9" * 5000  # not JSON
+
+
 def test_text_usage_covers_every_verb_consistently() -> None:
     verbs = ["HELLO", "PING", "NEW", "ADD", "ENQUEUE", "SUBMIT", "STATUS", "WAIT", "NEXT"]
     verbs += ["TOUCH", "COMPLETE", "CANCEL", "ANNOUNCE", "STATS", "HELP", "QUIT"]
@@ -814,7 +888,7 @@ keys = st.from_regex(r"[a-z_][a-z0-9_.]{0,10}", fullmatch=True)
 json_values = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers(-(1 << 70), 1 << 70)
+    | st.integers(-(1 << 63), (1 << 64) - 1)  # what msgpack carries; more is refused
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=10),
     lambda inner: (

@@ -99,6 +99,31 @@ async def test_text_errors_keep_the_connection(text: Connect) -> None:
     assert await c.say("PING") == "PONG"
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        "SUBMIT " + "[" * 5000 + "]" * 5000,
+        "ADD x r a p=" + "[" * 5000 + "]" * 5000,
+        'ANNOUNCE r {"a":' + "[" * 5000 + "]" * 5000 + "}",
+        "NEXT r " + "9" * 400,
+        "WAIT nope " + "9" * 400,
+        "TOUCH nope " + "9" * 400,
+        'SUBMIT [{"resource":"r","action":"a","parameters":{"x":"\\ud800"}}]',
+    ],
+    ids=["deep_submit", "deep_param", "deep_announce", "next", "wait", "touch", "surrogate"],
+)
+async def test_text_values_msgpack_cannot_carry_are_bad_requests(
+    text: Connect, raw: Connect, line: str
+) -> None:
+    """Audit h1 (t04): deep JSON raised RecursionError out of the codec and closed the
+    connection without a reply; a 400-digit timeout or ttr answered `internal`."""
+    c: TextClient = await text()
+    reply = await c.say(line)
+    assert reply.startswith("ERR bad_request "), reply
+    assert await c.say("PING") == "PONG"
+    await still_serving(raw)
+
+
 async def test_text_oversize_line_is_skipped(make_server: Connect) -> None:
     server: Server = await make_server(Limits(max_frame=1024))
     r, w = await asyncio.open_unix_connection(str(server.socket_path))
