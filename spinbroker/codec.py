@@ -7,9 +7,9 @@ the mode; msgpack mode reads one value per request and checks its shape
 
 It must never touch a socket, an event loop or a clock, and never judge what a request
 means (unknown verbs, argument names and values): that is the server's and the core's
-job; in msgpack mode it checks the shape and the id range only, so the hot path stays one
-unpack and a few type checks per request. It must never raise on bad input either:
-whatever a client sends becomes a `BadInput` event.
+job; in msgpack mode it checks the shape, the id range and how deep the args nest only, so
+the hot path stays one unpack and a few type checks per request. It must never raise on bad
+input either: whatever a client sends becomes a `BadInput` event.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import msgpack
 
 from . import textmode
 from .errors import BrokerError, ErrorCode
+from .schema import MAX_NESTING
 from .textmode import TEXT_USAGE
 
 __all__ = ["TEXT_USAGE", "BadInput", "Mode", "Request", "ServerCodec"]
@@ -130,6 +131,36 @@ def _bad_shape(obj: Any) -> BadInput:
 
 def _shape_error(problem: str) -> BrokerError:
     return BrokerError(ErrorCode.BAD_REQUEST, f"a request is an array [id, verb, args?]; {problem}")
+
+
+def _nested_too_deep(args: dict[str, Any]) -> bool:
+    """Whether maps and lists nest more than MAX_NESTING levels in `args` (level 1).
+
+    msgpack itself reads up to 1024 levels, and text-mode JSON almost as many; a value that
+    deep cannot be copied, printed or rendered as JSON without exhausting Python's recursion
+    limit. Looked at level by level, so args of plain values cost one pass over them.
+    """
+    for value in args.values():
+        if type(value) is dict or type(value) is list:
+            break
+    else:
+        return False  # the usual request: plain values only
+    level: list[Any] = [args]
+    for _ in range(MAX_NESTING):
+        below: list[Any] = []
+        for container in level:
+            for item in container.values() if type(container) is dict else container:
+                if type(item) is dict or type(item) is list:
+                    below.append(item)
+        if not below:
+            return False
+        level = below
+    return True
+
+
+def _too_deep(rid: int | None, verb: str) -> BadInput:
+    message = f"maps and lists nested more than {MAX_NESTING} levels deep in the arguments"
+    return BadInput(rid, verb, BrokerError(ErrorCode.BAD_REQUEST, message), False)
 
 
 def _unpack_failure(exc: Exception, max_frame: int) -> BrokerError:
@@ -305,7 +336,10 @@ class ServerCodec:
                             and type(args) is dict
                             and 0 <= rid <= MAX_ID
                         ):
-                            append(Request(rid, verb.upper(), args))
+                            if _nested_too_deep(args):
+                                append(_too_deep(rid, verb.upper()))
+                            else:
+                                append(Request(rid, verb.upper(), args))
                             continue
                     elif n == 2:
                         rid, verb = obj
@@ -373,7 +407,10 @@ class ServerCodec:
                     events.append(BadInput(None, verb, result, False))
                 else:
                     assert verb is not None  # parse_line pairs a None verb with an error
-                    events.append(Request(None, verb, result))
+                    if _nested_too_deep(result):
+                        events.append(_too_deep(None, verb))
+                    else:
+                        events.append(Request(None, verb, result))
         return events
 
     # Output ------------------------------------------------------------------------

@@ -476,21 +476,34 @@ def parse_line(line: bytes | bytearray) -> tuple[str | None, dict[str, Any] | Br
 # Replies -----------------------------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
+#: Maps and lists deeper than this in a reply are shown as `TOO_DEEP`. Requests nest at most
+#: MAX_NESTING levels, so only a value from a log written before that limit can be deeper
+#: (msgpack reads 1024 levels), and rendering it whole would exhaust the recursion limit.
+PLAIN_MAX_DEPTH = 2 * MAX_NESTING
+TOO_DEEP = f"<nested more than {PLAIN_MAX_DEPTH} levels deep>"
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
     """`value` made of JSON types only: bytes as base64, non-str keys via str(),
-    anything else JSON cannot carry (NaN, ext types, sets) via repr()."""
+    anything else JSON cannot carry (NaN, ext types, sets) via repr(), and maps and lists
+    below PLAIN_MAX_DEPTH levels as `TOO_DEEP`."""
     kind = type(value)
     if kind is str or kind is int or kind is bool or value is None:
         return value
     if kind is float:
         return value if math.isfinite(value) else repr(value)
     if isinstance(value, Enum):
-        return _plain(value.value)
-    if isinstance(value, Mapping):
-        return {(k if isinstance(k, str) else str(k)): _plain(v) for k, v in value.items()}
+        return _plain(value.value, depth)
     # Exact tuples only: a named tuple such as msgpack's ExtType is a value of its own.
-    if isinstance(value, list) or kind is tuple:
-        return [_plain(v) for v in value]
+    if isinstance(value, Mapping | list) or kind is tuple:
+        if depth >= PLAIN_MAX_DEPTH:
+            return TOO_DEEP
+        if isinstance(value, Mapping):
+            return {
+                (k if isinstance(k, str) else str(k)): _plain(v, depth + 1)
+                for k, v in value.items()
+            }
+        return [_plain(v, depth + 1) for v in value]
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(value).decode("ascii")
     if isinstance(value, str):
@@ -498,7 +511,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):
-        return _plain(float(value))
+        return _plain(float(value), depth)
     return repr(value)
 
 

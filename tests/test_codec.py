@@ -21,6 +21,8 @@ from spinbroker.codec import (
     ServerCodec,
 )
 from spinbroker.errors import BrokerError, ErrorCode
+from spinbroker.schema import MAX_NESTING
+from spinbroker.textmode import PLAIN_MAX_DEPTH, TOO_DEEP
 
 Event = Request | BadInput
 
@@ -255,6 +257,59 @@ def test_wrong_shapes_are_bad_request_and_not_fatal(value: Any, rid: Any, verb: 
     )
     assert "[id, verb, args?]" in bad.error.message
     assert events[2] == Request(MAX_ID, "PING", {})
+
+
+def nest(depth: int, leaf: Any = 1) -> Any:
+    """`leaf` inside `depth` lists."""
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+@pytest.mark.parametrize(
+    ("args", "deep"),
+    [
+        ({"parameters": {"x": nest(MAX_NESTING - 2)}}, False),  # args 1, parameters 2
+        ({"parameters": {"x": nest(MAX_NESTING - 1)}}, True),
+        ({"id": nest(1015)}, True),  # deep enough for repr() to exhaust the recursion limit
+        ({"a": [{"b": [1]}] * 3, "c": "d" * 100}, False),
+        ({"commands": [{"parameters": {"x": 1}}, {"parameters": {"x": nest(97)}}]}, True),
+    ],
+)
+def test_msgpack_args_nested_too_deep_are_bad_request_and_not_fatal(
+    args: dict[str, Any], deep: bool
+) -> None:
+    """msgpack reads 1024 levels; past MAX_NESTING the request is refused by the codec, so
+    nothing downstream (repr in a message, a text-mode reply of the parameters, a deep copy)
+    ever sees such a value (audit h1: t01, t07)."""
+    events = events_of(pack([1, "submit", args], [2, "PING"]))
+    assert events[1] == Request(2, "PING", {})
+    if not deep:
+        assert events[0] == Request(1, "SUBMIT", args)
+        return
+    bad = events[0]
+    assert isinstance(bad, BadInput)
+    assert (bad.id, bad.verb, bad.error.code, bad.fatal) == (
+        1,
+        "SUBMIT",
+        ErrorCode.BAD_REQUEST,
+        False,
+    )
+    assert f"nested more than {MAX_NESTING} levels" in bad.error.message
+
+
+def test_text_args_nest_as_deep_as_msgpack_args() -> None:
+    """The limit counts from the args map in both modes, so a line reads as deep as the
+    msgpack request it maps to."""
+    ok = "[" * (MAX_NESTING - 2) + "]" * (MAX_NESTING - 2)
+    assert args_of(f"ADD p r a x={ok}")["parameters"]["x"] == nest(MAX_NESTING - 3, [])
+    event = text(f"ADD p r a x=[{ok}]")
+    assert isinstance(event, BadInput)
+    assert (event.verb, event.error.code, event.fatal) == ("ADD", ErrorCode.BAD_REQUEST, False)
+    assert f"nested more than {MAX_NESTING} levels" in event.error.message
+    event = text(f'SUBMIT [{{"resource":"r","action":"a","parameters":{{"x":{ok}}}}}]')
+    assert isinstance(event, BadInput)
+    assert event.error.code is ErrorCode.BAD_REQUEST
 
 
 def test_bytes_given_to_receive_data_may_be_reused_by_the_caller() -> None:
@@ -826,6 +881,21 @@ def test_text_reply_json_for_values_json_cannot_carry() -> None:
         "ext": "ExtType(code=5, data=b'x')",
         "code": "not_found",
         "text": "ça\nva",
+    }
+
+
+def test_text_reply_of_a_value_deeper_than_any_request_is_one_line() -> None:
+    """A command held from a log written before requests were bounded may nest 1000 levels;
+    its delivery in text mode raised RecursionError in `_plain` (audit h1, t07)."""
+    line = reply("NEXT", "ok", {"id": "c", "parameters": {"x": nest(1020)}})
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    got = json.loads(line[3:])["parameters"]["x"]
+    for _ in range(PLAIN_MAX_DEPTH - 2):  # the body and parameters maps hold two levels
+        [got] = got
+    assert got == TOO_DEEP
+    fine = nest(MAX_NESTING)
+    assert json.loads(reply("NEXT", "ok", {"parameters": {"x": fine}})[3:])["parameters"] == {
+        "x": fine
     }
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from spinbroker import records
 from spinbroker.config import Limits
+from spinbroker.schema import MAX_NESTING
 from spinbroker.server import EXIT_CANNOT_LOG, Server
 
 from .conftest import RawMsgpack, TextClient, open_stream
@@ -417,6 +418,30 @@ async def test_stop_answers_blocked_requests(make_server: Connect) -> None:
 
 
 # --------------------------------------------------------------------------- bad input
+
+
+def nest(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+async def test_parameters_nested_too_deep_are_refused(raw: Connect, text: Connect) -> None:
+    """Audit h1 (t07): parameters 600 deep were accepted, then a text-mode agent's NEXT
+    failed with RecursionError rendering them and the command stayed leased to it."""
+    prod: RawMsgpack = await raw()
+    deep = {"resource": "deep", "action": "a", "parameters": {"x": nest(600)}}
+    bad = await prod.call("SUBMIT", {"commands": [deep]})
+    assert bad[1] == "error" and bad[2]["code"] == "bad_request", bad
+    fine = nest(MAX_NESTING - 4)  # the args, commands, command and parameters levels
+    ok = {"resource": "deep", "action": "a", "parameters": {"x": fine}}
+    [cid] = (await prod.ok("SUBMIT", {"commands": [ok]}))["commands"]
+    agent: TextClient = await text()
+    got = await agent.ok_json("NEXT deep 0")
+    assert (got["id"], got["parameters"]) == (cid, {"x": fine})
+    assert await agent.say("NEXT deep 0") == "EMPTY"
+    assert (await prod.ok("STATS"))["totals"]["commands"] == 1
 
 
 async def test_malformed_msgpack_closes_only_that_connection(raw: Connect) -> None:
