@@ -7,6 +7,7 @@ client turns the same codes into one exception type each. protocol.md lists this
 
 from __future__ import annotations
 
+import reprlib
 from enum import StrEnum
 
 
@@ -43,3 +44,22 @@ class BrokerError(Exception):
 
     def to_wire(self) -> dict[str, str]:
         return {"code": self.code.value, "message": self.message}
+
+
+class _Shown(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 256:  # repr() of an int past 4300 digits raises ValueError
+            return f"<an int of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_SHOWN = _Shown()
+_SHOWN.maxlevel = 3
+_SHOWN.maxstring = _SHOWN.maxother = 60
+
+
+def shown(value: object) -> str:
+    """`repr(value)` cut short, for quoting a client's value in an error message: a value
+    may be a megabyte long or nested a thousand levels deep (where repr() itself exhausts
+    the recursion limit), and the message must stay one short line."""
+    return _SHOWN.repr(value)

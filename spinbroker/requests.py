@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from .core import NewCommand
-from .errors import BrokerError, ErrorCode
+from .errors import BrokerError, ErrorCode, shown
 
 
 def _bad(message: str) -> BrokerError:
@@ -23,7 +23,7 @@ def string(args: dict[str, Any], name: str) -> str:
     if value is None:
         raise _bad(f"missing argument {name!r}")
     if not isinstance(value, str) or not value:
-        raise _bad(f"argument {name!r} must be a non-empty string, not {value!r}")
+        raise _bad(f"argument {name!r} must be a non-empty string, not {shown(value)}")
     return value
 
 
@@ -32,7 +32,7 @@ def boolean(args: dict[str, Any], name: str, default: bool | None = None) -> boo
     if value is None:
         raise _bad(f"missing argument {name!r}")
     if not isinstance(value, bool):
-        raise _bad(f"argument {name!r} must be true or false, not {value!r}")
+        raise _bad(f"argument {name!r} must be true or false, not {shown(value)}")
     return value
 
 
@@ -42,16 +42,20 @@ def seconds(args: dict[str, Any], name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _bad(f"argument {name!r} must be a number of seconds, not {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise _bad(f"argument {name!r} must be a finite number >= 0, not {value!r}")
-    return float(value)
+        raise _bad(f"argument {name!r} must be a number of seconds, not {shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int past 1e308 (msgpack ints never are)
+        number = math.inf
+    if not math.isfinite(number) or number < 0:
+        raise _bad(f"argument {name!r} must be a finite number >= 0, not {shown(value)}")
+    return number
 
 
 def positive_seconds(args: dict[str, Any], name: str) -> float | None:
     value = seconds(args, name)
     if value is not None and value <= 0:
-        raise _bad(f"argument {name!r} must be > 0, not {value!r}")
+        raise _bad(f"argument {name!r} must be > 0, not {shown(value)}")
     return value
 
 
@@ -60,7 +64,7 @@ def optional_int(args: dict[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(f"argument {name!r} must be an integer, not {value!r}")
+        raise _bad(f"argument {name!r} must be an integer, not {shown(value)}")
     return value
 
 
@@ -69,7 +73,7 @@ def optional_str(args: dict[str, Any], name: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise _bad(f"argument {name!r} must be a string, not {value!r}")
+        raise _bad(f"argument {name!r} must be a string, not {shown(value)}")
     return value
 
 
@@ -77,26 +81,26 @@ def new_command(raw: Any, where: str = "", positions: bool = False) -> NewComman
     """One command as ADD or SUBMIT carries it: resource, action, parameters, dependencies.
     With `positions`, a dependency may be an int (SUBMIT: an earlier command's position)."""
     if not isinstance(raw, dict):
-        raise _bad(f"{where}a command must be a map, not {raw!r}")
+        raise _bad(f"{where}a command must be a map, not {shown(raw)}")
     resource = string(raw, "resource")
     action = string(raw, "action")
     parameters = raw.get("parameters")
     if parameters is None:
         parameters = {}
     elif not isinstance(parameters, dict):
-        raise _bad(f"{where}parameters must be a map, not {parameters!r}")
+        raise _bad(f"{where}parameters must be a map, not {shown(parameters)}")
     deps = raw.get("dependencies")
     if deps is None:
         deps = []
     elif not isinstance(deps, list):
-        raise _bad(f"{where}dependencies must be a list of command ids, not {deps!r}")
+        raise _bad(f"{where}dependencies must be a list of command ids, not {shown(deps)}")
     for dep in deps:
         ok = isinstance(dep, str) or (
             positions and isinstance(dep, int) and not isinstance(dep, bool)
         )
         if not ok:
             what = "command ids or positions" if positions else "command ids"
-            raise _bad(f"{where}dependencies must be {what}, not {dep!r}")
+            raise _bad(f"{where}dependencies must be {what}, not {shown(dep)}")
     return NewCommand(resource, action, parameters, deps)
 
 

@@ -78,6 +78,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
+from .errors import shown
+
 WIRE_VERSION: Final = 1
 #: How deep map/list specs may nest; bounds the work `from_wire` and `validate` can be made to do.
 MAX_DEPTH: Final = 16
@@ -276,7 +278,7 @@ def _type_name(value: object) -> str:
 
 
 def _shown(value: object) -> str:
-    text = repr(value)
+    text = shown(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -354,7 +356,8 @@ def _check_map(p: Param, value: Any, where: str) -> Any:
         raise _mismatch(p, value, where)
     for key in value:
         if not isinstance(key, str):
-            raise SchemaError(f"{_at(where)}: keys must be strings, got {_type_name(key)} {key!r}")
+            got = f"{_type_name(key)} {_shown(key)}"
+            raise SchemaError(f"{_at(where)}: keys must be strings, got {got}")
     _check_length(p, len(value), where)
     if p.fields is not None:
         checked = _check_fields(p.fields, p.extra, value, where)
@@ -436,7 +439,7 @@ class ActionSpec:
             raise SchemaError(f"parameters must be a map, got {_type_name(given)}")
         for key in given:
             if not isinstance(key, str):
-                raise SchemaError(f"parameter names must be strings, got {key!r}")
+                raise SchemaError(f"parameter names must be strings, got {_shown(key)}")
         return _check_fields(self.parameters, self.extra, given, "")
 
     def to_wire(self) -> dict[str, Any]:
@@ -460,7 +463,7 @@ class ResourceSchema:
         for name, spec in self.actions.items():
             if not isinstance(name, str) or not ACTION_NAME.fullmatch(name):
                 raise SchemaError(
-                    f"action name {name!r} must be 1 to 128 letters, digits or _ . : @ / -"
+                    f"action name {_shown(name)} must be 1 to 128 letters, digits or _ . : @ / -"
                 )
             if not isinstance(spec, ActionSpec):
                 raise SchemaError(f"action {name!r}: spec must be an ActionSpec")
@@ -491,7 +494,8 @@ class ResourceSchema:
             raise SchemaError(f"schema: holds {problem}")
         _refuse_unknown_keys(wire, {"schema", "actions"}, "schema")
         if wire.get("schema") != WIRE_VERSION:
-            raise SchemaError(f"schema: version must be {WIRE_VERSION}, got {wire.get('schema')!r}")
+            got = _shown(wire.get("schema"))
+            raise SchemaError(f"schema: version must be {WIRE_VERSION}, got {got}")
         actions = _expect_map(wire.get("actions"), "schema.actions")
         return cls({name: _action_from_wire(name, spec) for name, spec in actions.items()})
 
@@ -573,7 +577,7 @@ def _expect_map(value: object, where: str) -> dict[str, Any]:
 def _refuse_unknown_keys(wire: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
     unknown = sorted(set(wire) - set(allowed))
     if unknown:
-        raise SchemaError(f"{where}: unknown key {unknown[0]!r}")
+        raise SchemaError(f"{where}: unknown key {_shown(unknown[0])}")
 
 
 def _action_from_wire(name: str, data: object) -> ActionSpec:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, NoReturn
 
-from .errors import BrokerError, ErrorCode
+from .errors import BrokerError, ErrorCode, shown
 from .schema import INT_MAX, INT_MIN, MAX_NESTING, unencodable
 
 #: One usage line per verb, in the order HELP lists them. Also appended to text-mode
@@ -98,13 +98,9 @@ def _bare(raw: str) -> Any:
         except ValueError:
             return raw
         if type(value) is int and not INT_MIN <= value <= INT_MAX:
-            raise _bad(f"{_cut(raw)} is outside the integer range -2^63 to 2^64-1")
+            raise _bad(f"{shown(raw)} is outside the integer range -2^63 to 2^64-1")
         return value
     return raw
-
-
-def _cut(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(slots=True)
@@ -220,7 +216,7 @@ class _Cursor:
     def end(self) -> None:
         tok = self.next()
         if tok is not None:
-            raise _bad(f"unexpected {tok.text!r}")
+            raise _bad(f"unexpected {shown(tok.text)}")
 
 
 # Argument helpers ----------------------------------------------------------------------
@@ -232,9 +228,9 @@ def _as_string(tok: _Token, what: str) -> str:
     if tok.quoted:
         if isinstance(tok.value, str) and tok.value:
             return tok.value
-        raise _bad(f"expected {what} (a string), got {tok.text!r}")
+        raise _bad(f"expected {what} (a string), got {shown(tok.text)}")
     if not tok.raw:
-        raise _bad(f"expected {what}, got {tok.text!r}")
+        raise _bad(f"expected {what}, got {shown(tok.text)}")
     return tok.raw
 
 
@@ -242,9 +238,9 @@ def _positional(tok: _Token | None, what: str) -> str:
     if tok is None:
         raise _bad(f"missing {what}")
     if tok.key is not None:
-        raise _bad(f"expected {what}, got {tok.text!r}")
+        raise _bad(f"expected {what}, got {shown(tok.text)}")
     if _flag(tok) is not None:
-        raise _bad(f"expected {what}, got option {tok.text!r}")
+        raise _bad(f"expected {what}, got option {shown(tok.text)}")
     return _as_string(tok, what)
 
 
@@ -253,7 +249,7 @@ def _number(tok: _Token, what: str) -> int | float:
         value = _typed(tok)
         if type(value) is int or type(value) is float:
             return value
-    raise _bad(f"{what} must be a number of seconds, got {tok.text!r}")
+    raise _bad(f"{what} must be a number of seconds, got {shown(tok.text)}")
 
 
 def _flag_value(cur: _Cursor, tok: _Token) -> _Token:
@@ -270,14 +266,14 @@ def _delivery(cur: _Cursor, tok: _Token) -> int:
     value = _flag_value(cur, tok)
     number = _typed(value) if value.key is None else None
     if type(number) is not int:
-        raise _bad(f"--delivery needs an integer, got {value.text!r}")
+        raise _bad(f"--delivery needs an integer, got {shown(value.text)}")
     return number
 
 
 def _unexpected(tok: _Token) -> BrokerError:
     if _flag(tok) is not None:
-        return _bad(f"unknown option {tok.text!r}")
-    return _bad(f"unexpected {tok.text!r}")
+        return _bad(f"unknown option {shown(tok.text)}")
+    return _bad(f"unexpected {shown(tok.text)}")
 
 
 # One parser per verb: the rest of the line → the args dict msgpack mode would carry ----
@@ -315,7 +311,7 @@ def _add(cur: _Cursor) -> dict[str, Any]:
                 raise _bad(f"parameter {tok.key!r} given twice")
             parameters[tok.key] = _typed(tok)
         else:
-            raise _bad(f"expected key=value or --dep <id>, got {tok.text!r}")
+            raise _bad(f"expected key=value or --dep <id>, got {shown(tok.text)}")
     return {
         "package": package,
         "resource": resource,
@@ -329,7 +325,7 @@ def _last_json(cur: _Cursor, kind: type, what: str) -> Any:
     """The line's last token: one JSON value of `kind` (list or dict)."""
     tok = cur.next()
     if tok is None or not (tok.quoted and tok.key is None and isinstance(tok.value, kind)):
-        got = "nothing" if tok is None else repr(tok.text)
+        got = "nothing" if tok is None else shown(tok.text)
         raise _bad(f"expected {what}, got {got}")
     cur.end()
     return tok.value
@@ -390,7 +386,7 @@ def _complete(cur: _Cursor) -> dict[str, Any]:
     # not go through the JSON tokenizer (`disk {full` is a fine reason).
     status = cur.next_word()
     if status is None or status.lower() not in ("true", "false"):
-        got = "nothing" if status is None else repr(status)
+        got = "nothing" if status is None else shown(status)
         raise _bad(f"the status must be true or false, got {got}")
     args: dict[str, Any] = {"command": command, "success": status.lower() == "true"}
     peek = (cur.peek_word() or "").lower()
