@@ -505,10 +505,16 @@ def from_wire(data: object) -> ResourceSchema:
     return ResourceSchema.from_wire(data)
 
 
-#: Schemas rebuilt by `check_command`, by the identity of their wire dict. Each entry keeps
-#: its dict alive, so an id cannot be reused while it is cached.
-_rebuilt: dict[int, tuple[object, ResourceSchema | SchemaError]] = {}
+#: Schemas rebuilt by `check_command`, by the identity of their wire dict, least recently
+#: used first: (wire dict, rebuilt schema or its error, weight). Each entry keeps its dict
+#: alive, so an id cannot be reused while it is cached. A broker keeps one dict per resource
+#: and replaces it at each ANNOUNCE, so a replaced schema is never asked for again: bounding
+#: the entries' weight (`_weight`, about their size packed) lets those fall out, however
+#: large, while the schemas in use stay at the end.
+_rebuilt: dict[int, tuple[object, ResourceSchema | SchemaError, int]] = {}
+_rebuilt_weight = 0
 _REBUILT_MAX: Final = 256
+_REBUILT_MAX_WEIGHT: Final = 1 << 20
 
 
 def check_command(schema: dict[str, Any], action: str, parameters: dict[str, Any]) -> str | None:
@@ -534,17 +540,46 @@ def check_command(schema: dict[str, Any], action: str, parameters: dict[str, Any
 
 
 def _rebuild(schema: dict[str, Any]) -> ResourceSchema | SchemaError:
-    cached = _rebuilt.get(id(schema))
+    global _rebuilt_weight
+    key = id(schema)
+    cached = _rebuilt.get(key)
     if cached is not None and cached[0] is schema:
+        if next(reversed(_rebuilt)) != key:
+            _rebuilt[key] = _rebuilt.pop(key)  # now the most recently used
         return cached[1]
     try:
         rebuilt: ResourceSchema | SchemaError = ResourceSchema.from_wire(schema)
     except SchemaError as exc:
         rebuilt = exc
-    if len(_rebuilt) >= _REBUILT_MAX:
-        del _rebuilt[next(iter(_rebuilt))]
-    _rebuilt[id(schema)] = (schema, rebuilt)
+    weight = _weight(schema)
+    _rebuilt[key] = (schema, rebuilt, weight)
+    _rebuilt_weight += weight
+    # Evict the least recently used, but never the one just rebuilt: a schema larger than
+    # the whole budget is still parsed once, not at every ADD.
+    while len(_rebuilt) > 1 and (
+        len(_rebuilt) > _REBUILT_MAX or _rebuilt_weight > _REBUILT_MAX_WEIGHT
+    ):
+        _rebuilt_weight -= _rebuilt.pop(next(iter(_rebuilt)))[2]
     return rebuilt
+
+
+def _weight(value: object) -> int:
+    """About how many bytes `value` takes packed: its strings' and byte strings' lengths,
+    plus one for every other item."""
+    weight = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str | bytes):
+            weight += len(item)
+            continue
+        weight += 1
+        if isinstance(item, dict):
+            stack += item.keys()
+            stack += item.values()
+        elif isinstance(item, list | tuple):
+            stack += item
+    return weight
 
 
 # -- reading the wire form -------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import msgpack
 import pytest
 
+from spinbroker import schema as schema_module
 from spinbroker.schema import (
     MAX_DEPTH,
     MAX_NESTING,
@@ -650,3 +651,37 @@ def test_check_command_rebuilds_each_schema_once() -> None:
     fresh = STORAGE.to_wire()
     fresh["actions"]["add_volume"]["parameters"]["path"]["type"] = "int"
     assert check_command(fresh, "add_volume", {"path": "v"}) is not None
+
+
+def _announced(round_: int, description: str = "") -> dict[str, Any]:
+    """The wire form a broker stores for one ANNOUNCE: a new dict each time."""
+    wire = STORAGE.to_wire()
+    wire["actions"]["add_volume"]["description"] = description or f"round {round_}"
+    return wire
+
+
+def test_check_command_forgets_replaced_schemas_by_their_size() -> None:
+    """Audit h1 (t28): each ANNOUNCE of a big schema followed by an ADD left the replaced
+    schema cached, up to 256 of them: ~9 MiB more memory per round for a 529 KB schema."""
+    rounds = [_announced(i, f"{i:03} " + "x" * (300 << 10)) for i in range(12)]
+    for wire in rounds:
+        assert check_command(wire, "add_volume", {"path": "v"}) is None
+    cached = [id(entry[0]) for entry in schema_module._rebuilt.values()]
+    assert id(rounds[-1]) in cached and id(rounds[0]) not in cached
+    assert len(cached) <= 4  # 1 MiB of schemas, 300 KB each
+    assert schema_module._rebuilt_weight == sum(
+        entry[2] for entry in schema_module._rebuilt.values()
+    )
+
+
+def test_check_command_keeps_the_schemas_in_use() -> None:
+    """The cache still spares the rebuild on every ADD: the schemas in use stay cached
+    while replaced ones, however large, fall out."""
+    in_use = [_announced(i) for i in range(50)]
+    for round_ in range(8):
+        for wire in in_use:
+            check_command(wire, "add_volume", {"path": "v"})
+        check_command(_announced(round_, "x" * (200 << 10)), "add_volume", {"path": "v"})
+    for wire in in_use:  # a change to a cached dict goes unseen: it is not rebuilt
+        wire["actions"]["add_volume"]["parameters"]["path"]["type"] = "int"
+        assert check_command(wire, "add_volume", {"path": "v"}) is None
