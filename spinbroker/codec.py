@@ -174,8 +174,12 @@ def _unpack_failure(exc: Exception, max_frame: int) -> BrokerError:
         return BrokerError(ErrorCode.MALFORMED, "a msgpack str that is not valid UTF-8")
     if isinstance(exc, TypeError):  # a list or map used as a map key
         return BrokerError(ErrorCode.MALFORMED, f"a msgpack map key that cannot be a key: {exc}")
-    # The Unpacker refuses array, map, str, bin and ext headers announcing more than the
-    # buffer limit (plain ValueError "N exceeds max_..._len"): such a value cannot fit.
+    # The Unpacker refuses an array, map or ext header announcing more than the buffer
+    # limit as soon as it reads it (plain ValueError "N exceeds max_..._len"): such a value
+    # cannot fit. It checks a str or bin header's length only once the whole body is
+    # buffered, which a body over the limit never is: those are answered too_large by the
+    # room check in `_msgpack_events`, once max_frame bytes of the value have arrived
+    # (never more are buffered, so reading that far costs no more than a legal frame).
     if "exceeds max_" in str(exc):
         return BrokerError(ErrorCode.TOO_LARGE, f"a msgpack value larger than {max_frame} bytes")
     return BrokerError(ErrorCode.MALFORMED, f"invalid msgpack: {exc}")

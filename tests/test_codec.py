@@ -186,6 +186,27 @@ def test_a_value_of_many_small_items_is_too_large() -> None:
 def test_an_array_announcing_more_items_than_max_frame_is_refused_at_once() -> None:
     [event] = events_of(b"\xdd\x00\x0f\xff\xff", max_frame=1024)  # ~1M items announced
     assert error_of(event) == (ErrorCode.TOO_LARGE, True)
+    [event] = events_of(b"\x92\x01\xc9\xff\xff\xff\xff\x05", max_frame=1024)  # a 4 GiB ext
+    assert error_of(event) == (ErrorCode.TOO_LARGE, True)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"\xdb\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff"],
+    ids=["str32", "bin32"],
+)
+def test_a_body_announcing_4_gib_is_too_large_once_max_frame_bytes_arrived(header: bytes) -> None:
+    """Unlike an array's, a str or bin header is not refused when read (the Unpacker
+    checks those lengths only once the body is buffered); audit h1 (t27) found the comment
+    saying otherwise. What holds: nothing past max_frame is buffered, then too_large."""
+    codec = ServerCodec(1024)
+    codec.receive_data(b"\x92\x01" + header)
+    assert codec.next_events() == []
+    codec.receive_data(b"x" * 1000)
+    assert codec.next_events() == []
+    codec.receive_data(b"x" * 100_000)
+    [event] = codec.next_events()
+    assert error_of(event) == (ErrorCode.TOO_LARGE, True)
 
 
 def test_an_endless_array_is_refused_without_reading_it_all() -> None:
