@@ -54,6 +54,7 @@ _JSON_START = frozenset('"{[')
 _BLANK = re.compile(r"[ \t]*")
 _WORD = re.compile(r"[^ \t]+")
 _LITERALS: dict[str, Any] = {"true": True, "false": False, "null": None}
+_JSON_INT = re.compile(r"-?[1-9][0-9]*")
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -85,6 +86,10 @@ def _check_ascii(text: str, line: str, offset: int) -> None:
             raise _not_ascii(line, offset + i)
 
 
+def _out_of_range(raw: str) -> BrokerError:
+    return _bad(f"{shown(raw)} is outside the integer range -2^63 to 2^64-1")
+
+
 def _bare(raw: str) -> Any:
     """A value typed without quotes: JSON if it parses (numbers, true/false/null), else
     the string itself, so `image_size=50` is 50 and `path=test` is "test"."""
@@ -96,9 +101,11 @@ def _bare(raw: str) -> Any:
         try:
             value = _DECODER.decode(raw)
         except ValueError:
+            if _JSON_INT.fullmatch(raw):  # JSON, past Python's 4300-digit limit for ints
+                raise _out_of_range(raw) from None
             return raw
         if type(value) is int and not INT_MIN <= value <= INT_MAX:
-            raise _bad(f"{shown(raw)} is outside the integer range -2^63 to 2^64-1")
+            raise _out_of_range(raw)
         return value
     return raw
 
