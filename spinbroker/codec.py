@@ -7,9 +7,10 @@ the mode; msgpack mode reads one value per request and checks its shape
 
 It must never touch a socket, an event loop or a clock, and never judge what a request
 means (unknown verbs, argument names and values): that is the server's and the core's
-job; in msgpack mode it checks the shape, the id range and how deep the args nest only, so
-the hot path stays one unpack and a few type checks per request. It must never raise on bad
-input either: whatever a client sends becomes a `BadInput` event.
+job; in msgpack mode it checks the shape and the id range only, so the hot path stays one
+unpack and a few type checks per request (text mode also checks how deep a line's JSON
+nests: msgpack mode leaves that to where values may nest, parameters and schemas). It must
+never raise on bad input either: whatever a client sends becomes a `BadInput` event.
 """
 
 from __future__ import annotations
@@ -340,10 +341,11 @@ class ServerCodec:
                             and type(args) is dict
                             and 0 <= rid <= MAX_ID
                         ):
-                            if _nested_too_deep(args):
-                                append(_too_deep(rid, verb.upper()))
-                            else:
-                                append(Request(rid, verb.upper(), args))
+                            # No depth check here (the hot path): the only args that
+                            # may nest are parameters (requests.new_command checks them)
+                            # and schemas (schema.from_wire); elsewhere a map or list
+                            # where a scalar belongs is refused with a bounded message.
+                            append(Request(rid, verb.upper(), args))
                             continue
                     elif n == 2:
                         rid, verb = obj

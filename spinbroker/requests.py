@@ -12,6 +12,7 @@ from typing import Any
 
 from .core import NewCommand
 from .errors import BrokerError, ErrorCode, shown
+from .schema import MAX_NESTING, unencodable
 
 
 def _bad(message: str) -> BrokerError:
@@ -89,6 +90,11 @@ def new_command(raw: Any, where: str = "", positions: bool = False) -> NewComman
         parameters = {}
     elif not isinstance(parameters, dict):
         raise _bad(f"{where}parameters must be a map, not {shown(parameters)}")
+    else:
+        for value in parameters.values():
+            if type(value) is dict or type(value) is list:  # only nested ones are walked
+                _check_nesting(parameters, where)
+                break
     deps = raw.get("dependencies")
     if deps is None:
         deps = []
@@ -102,6 +108,20 @@ def new_command(raw: Any, where: str = "", positions: bool = False) -> NewComman
             what = "command ids or positions" if positions else "command ids"
             raise _bad(f"{where}dependencies must be {what}, not {shown(dep)}")
     return NewCommand(resource, action, parameters, deps)
+
+
+#: Where parameters sit in a request's args: args (1), commands (2), a command (3), its
+#: parameters (4). Requests may nest MAX_NESTING levels from the args map down.
+PARAMETERS_LEVEL = 4
+
+
+def _check_nesting(parameters: dict[str, Any], where: str) -> None:
+    problem = unencodable(parameters, MAX_NESTING - PARAMETERS_LEVEL + 1)
+    if problem is None:
+        return
+    if problem.startswith("maps and lists nested"):
+        problem = f"maps and lists nested more than {MAX_NESTING} levels deep in the arguments"
+    raise _bad(f"{where}parameters hold {problem}")
 
 
 def command_list(args: dict[str, Any], positions: bool) -> list[NewCommand]:

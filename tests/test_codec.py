@@ -21,6 +21,7 @@ from spinbroker.codec import (
     ServerCodec,
 )
 from spinbroker.errors import BrokerError, ErrorCode
+from spinbroker.requests import command_list
 from spinbroker.schema import MAX_NESTING
 from spinbroker.textmode import PLAIN_MAX_DEPTH, TOO_DEEP
 
@@ -288,35 +289,40 @@ def nest(depth: int, leaf: Any = 1) -> Any:
 
 
 @pytest.mark.parametrize(
-    ("args", "deep"),
+    ("parameters", "deep"),
     [
-        ({"parameters": {"x": nest(MAX_NESTING - 2)}}, False),  # args 1, parameters 2
-        ({"parameters": {"x": nest(MAX_NESTING - 1)}}, True),
-        ({"id": nest(1015)}, True),  # deep enough for repr() to exhaust the recursion limit
+        # args 1 > commands 2 > a command 3 > parameters 4 > x from level 5 on
+        ({"x": nest(MAX_NESTING - 4)}, False),
+        ({"x": nest(MAX_NESTING - 3)}, True),
+        ({"x": nest(1015)}, True),  # deep enough for repr() to exhaust the recursion limit
         ({"a": [{"b": [1]}] * 3, "c": "d" * 100}, False),
-        ({"commands": [{"parameters": {"x": 1}}, {"parameters": {"x": nest(97)}}]}, True),
     ],
 )
-def test_msgpack_args_nested_too_deep_are_bad_request_and_not_fatal(
-    args: dict[str, Any], deep: bool
+def test_parameters_nest_at_most_max_nesting_levels_from_the_args_map(
+    parameters: dict[str, Any], deep: bool
 ) -> None:
-    """msgpack reads 1024 levels; past MAX_NESTING the request is refused by the codec, so
-    nothing downstream (repr in a message, a text-mode reply of the parameters, a deep copy)
-    ever sees such a value (audit h1: t01, t07)."""
-    events = events_of(pack([1, "submit", args], [2, "PING"]))
-    assert events[1] == Request(2, "PING", {})
-    if not deep:
-        assert events[0] == Request(1, "SUBMIT", args)
-        return
-    bad = events[0]
-    assert isinstance(bad, BadInput)
-    assert (bad.id, bad.verb, bad.error.code, bad.fatal) == (
-        1,
-        "SUBMIT",
-        ErrorCode.BAD_REQUEST,
-        False,
+    """msgpack reads 1024 levels. The codec passes a request on as it is (its hot path
+    checks no depth); parameters, the only args that may nest (schemas aside), are refused
+    past MAX_NESTING levels, counted from the args map as in text mode, so nothing
+    downstream (a text-mode reply, a deep copy, a message) sees such a value (audit h1)."""
+    (event,) = events_of(
+        pack(
+            [
+                1,
+                "submit",
+                {"commands": [{"resource": "r", "action": "a", "parameters": parameters}]},
+            ]
+        )
     )
-    assert f"nested more than {MAX_NESTING} levels" in bad.error.message
+    assert isinstance(event, Request) and (event.id, event.verb) == (1, "SUBMIT")
+    args = event.args
+    if not deep:
+        assert command_list(args, positions=True)[0].parameters == parameters
+        return
+    with pytest.raises(BrokerError) as refused:
+        command_list(args, positions=True)
+    assert refused.value.code is ErrorCode.BAD_REQUEST
+    assert f"nested more than {MAX_NESTING} levels" in refused.value.message
 
 
 def test_text_args_nest_as_deep_as_msgpack_args() -> None:
