@@ -37,7 +37,7 @@ from typing import Any
 import msgpack
 
 from .config import Limits
-from .errors import BrokerError, ErrorCode
+from .errors import BrokerError, ErrorCode, shown
 from .records import (
     CommandCompleted,
     CommandLeased,
@@ -71,7 +71,7 @@ def check_name(field: str, value: str) -> None:
     if not NAME_RE.fullmatch(value):
         raise BrokerError(
             ErrorCode.BAD_REQUEST,
-            f"{field} {value!r} must be 1-128 characters of letters, digits and _ . : @ / -",
+            f"{field} {shown(value)} must be 1-128 characters of letters, digits and _ . : @ / -",
         )
 
 

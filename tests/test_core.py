@@ -831,6 +831,15 @@ def test_a_leased_command_of_a_cancelled_package_is_cancelled_when_its_lease_end
     assert replayed.status(a) == h.b.status(a) and replayed.status(pid) == h.b.status(pid)
 
 
+def test_a_bad_name_is_quoted_short_in_its_error() -> None:
+    h = Harness()
+    with pytest.raises(BrokerError) as refused:
+        h.submit(nc(resource="x" * 1_000_000))
+    assert refused.value.code is ErrorCode.BAD_REQUEST
+    assert "must be 1-128 characters" in refused.value.message
+    assert len(refused.value.message) < 300
+
+
 def test_a_dependency_named_twice_counts_once() -> None:
     h = Harness()
     _, (a,) = h.submit(nc())
