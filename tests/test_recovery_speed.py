@@ -32,7 +32,7 @@ from spinbroker import persist, records, state
 from spinbroker.core import Broker
 from spinbroker.wal import OsFiles, Wal, WalCorruption, recovery
 from spinbroker.wal import frame as wal_frame
-from spinbroker.wal.frame import SEGMENT_HEADER_SIZE, encode_record
+from spinbroker.wal.frame import SEGMENT_HEADER_SIZE, encode_batch, encode_record
 from spinbroker.wal.memfiles import MemoryFiles
 from spinbroker.wal.reader import RecordError, iter_checked, scan_segment
 from spinbroker.wal.segment import segment_name
@@ -128,7 +128,7 @@ async def test_a_segment_changed_after_open_is_refused_when_read_again() -> None
     path = D / segments(fs)[1]
     wal = open_wal(fs, keep_checked_bytes=0)
     data = bytearray(fs.read(path))
-    offset = SEGMENT_HEADER_SIZE + len(encode_record(1, body(1)))  # the second record
+    offset = SEGMENT_HEADER_SIZE + len(encode_batch(1, [body(1)]))  # the second record
     data[offset + 25] ^= 0x10
     fs.corrupt(path, bytes(data))
     _, replay = wal.load()

@@ -21,6 +21,7 @@ from spinbroker.wal.frame import (
     encode_record,
     encode_segment_header,
     frame_records,
+    frame_synced,
 )
 from spinbroker.wal.reader import SECTOR, RecordError, iter_checked, iter_records, scan_segment
 
@@ -152,8 +153,8 @@ def test_batch_roundtrip() -> None:
     assert decoded.found is Found.RECORD
     assert (decoded.lsn, decoded.count, decoded.end) == (9, 4, len(frame))
     assert _records_of(frame, 0, 9) == list(enumerate(BODIES, 9))
-    # one header and a 4-byte length per record, not a 20-byte header per record
-    assert len(frame) == RECORD_HEADER_SIZE + 4 + 4 * len(BODIES) + sum(map(len, BODIES))
+    # one header, count and watermark, and a 4-byte length per record
+    assert len(frame) == RECORD_HEADER_SIZE + 12 + 4 * len(BODIES) + sum(map(len, BODIES))
 
 
 def _with_body(lsn: int, body: bytes) -> bytes:
@@ -166,12 +167,13 @@ def _with_body(lsn: int, body: bytes) -> bytes:
     "body",
     [
         b"",  # no count
-        struct.pack("<I", 0),  # no records
-        struct.pack("<II", 1, 5) + b"abcd",  # lengths sum to more than the body
-        struct.pack("<II", 1, 3) + b"abcd",  # ... or to less
-        struct.pack("<I", 1000) + b"abcd",  # a table longer than the body
+        struct.pack("<I", 1),  # no watermark
+        struct.pack("<IQ", 0, 0),  # no records
+        struct.pack("<IQI", 1, 0, 5) + b"abcd",  # lengths sum to more than the body
+        struct.pack("<IQI", 1, 0, 3) + b"abcd",  # ... or to less
+        struct.pack("<IQ", 1000, 0) + b"abcd",  # a table longer than the body
     ],
-    ids=["empty", "count 0", "too short", "too long", "table past the end"],
+    ids=["empty", "no watermark", "count 0", "too short", "too long", "table past the end"],
 )
 def test_a_batch_whose_table_does_not_add_up_is_corruption(body: bytes) -> None:
     frame = _with_body(6, body)
@@ -211,9 +213,11 @@ def test_a_torn_batch_at_the_end_is_cut_whole() -> None:
     assert scan.damage is not None and scan.damage.torn
 
 
-def test_encode_frames_batches_runs_and_keeps_a_lone_record_single() -> None:
-    assert encode_frames(4, [b"lone"]) == [encode_record(4, b"lone")]
-    assert encode_frames(4, [b"a", b"b"]) == [encode_batch(4, [b"a", b"b"])]
+def test_encode_frames_batches_runs_each_with_the_synced_watermark() -> None:
+    assert encode_frames(4, [b"lone"], 2) == [encode_batch(4, [b"lone"], 2)]
+    assert encode_frames(4, [b"a", b"b"], 3) == [encode_batch(4, [b"a", b"b"], 3)]
+    assert frame_synced(encode_batch(4, [b"a"], 3), 0) == 3
+    assert frame_synced(encode_record(4, b"a"), 0) == 0  # an old single frame: nothing known
     third = MAX_BATCH_BYTES // 3
     big = bytes(MAX_BATCH_BYTES + 1)
     bodies = [bytes(third)] * 4 + [big, b"z"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from spinbroker.wal import Wal, WalCorruption
-from spinbroker.wal.frame import SEGMENT_HEADER_SIZE, encode_record
+from spinbroker.wal.frame import SEGMENT_HEADER_SIZE, encode_batch
 from spinbroker.wal.reader import SECTOR
 from spinbroker.wal.repair import repair
 from spinbroker.wal.segment import segment_name
@@ -34,7 +34,7 @@ def record_offsets(first_lsn: int, bodies: list[bytes]) -> list[int]:
     offsets, offset = [], SEGMENT_HEADER_SIZE
     for i, body in enumerate(bodies):
         offsets.append(offset)
-        offset += len(encode_record(first_lsn + i, body))
+        offset += len(encode_batch(first_lsn + i, [body]))
     return offsets
 
 
@@ -46,7 +46,7 @@ async def test_cut_at_every_byte_of_the_last_record(
     await write_log(source, bodies, preallocate=False)
     data = (source / segment_name(1)).read_bytes()
     last = record_offsets(1, bodies)[-1]
-    assert len(data) == last + len(encode_record(5, bodies[-1]))
+    assert len(data) == last + len(encode_batch(5, [bodies[-1]]))
     caplog.set_level(logging.WARNING, logger="spinbroker.wal")
     for cut in range(last, len(data)):
         directory = tmp_path / f"cut-{cut}"
@@ -80,7 +80,7 @@ async def test_unwritten_sectors_of_a_preallocated_tail_are_torn(tmp_path: Path)
     data = (source / segment_name(1)).read_bytes()
     assert len(data) == 1 << 16
     last = record_offsets(1, bodies)[-1]
-    end = last + len(encode_record(2, bodies[-1]))
+    end = last + len(encode_batch(2, [bodies[-1]]))
     boundaries = range((last // SECTOR + 1) * SECTOR, end, SECTOR)
     assert len(boundaries) >= 5
     for boundary in boundaries:
@@ -164,4 +164,50 @@ async def test_leftover_temp_files_are_removed(tmp_path: Path) -> None:
     assert [p.name for p in recovery.removed_temp] == [segment_name(9) + ".tmp"]
     _, records = wal.load()
     assert [b for _, b in records] == [b"one"]
+    await wal.close()
+
+
+@pytest.mark.parametrize("damage", ["zeroed sector", "zeroed header"])
+async def test_damage_before_records_synced_after_it_is_refused_not_cut(
+    tmp_path: Path, damage: str
+) -> None:
+    """A crash tears only what was written after the last fdatasync. Damage in the middle
+    of the newest segment, with records after it that were written once the damaged ones
+    were synced (each frame says what was synced when it was written), is a lost sector,
+    not a torn write: cutting there would drop acknowledged records, so open refuses."""
+    bodies = [b"small"] + [bytes(range(256)) * 4] * 10 + [b"late %d" % i for i in range(20)]
+    wal, _ = Wal.open(tmp_path, fsync="always", segment_size=1 << 20)
+    for body in bodies:  # one fdatasync each: every frame is written after the last sync
+        wal.append(body)
+        await wal.commit()
+    await wal.close()
+    path = tmp_path / segment_name(1)
+    data = bytearray(path.read_bytes())
+    offsets = record_offsets(1, bodies)
+    if damage == "zeroed sector":  # a whole sector inside the 6th record (1 KiB body)
+        start = (offsets[5] // SECTOR + 1) * SECTOR
+        data[start : start + SECTOR] = bytes(SECTOR)
+    else:
+        data[offsets[5] : offsets[5] + 20] = bytes(20)
+    path.write_bytes(bytes(data))
+    with pytest.raises(WalCorruption, match="were durable, not torn"):
+        Wal.open(tmp_path, fsync="always", segment_size=1 << 20)
+    assert path.read_bytes() == data  # nothing cut
+
+
+async def test_damage_before_records_never_synced_is_still_a_torn_tail(tmp_path: Path) -> None:
+    """Mode `off` (or `batch` between syncs) writes many frames with no sync between them:
+    a power loss may keep later ones and lose a sector of an earlier one. Their watermark
+    says nothing was synced past the damage, so it is a torn tail: cut, with a warning."""
+    bodies = [b"small"] + [bytes(range(256)) * 4] * 10
+    await write_log(tmp_path, bodies, segment_size=1 << 20)
+    path = tmp_path / segment_name(1)
+    data = bytearray(path.read_bytes())
+    start = (record_offsets(1, bodies)[5] // SECTOR + 1) * SECTOR
+    data[start : start + SECTOR] = bytes(SECTOR)
+    path.write_bytes(bytes(data))
+    wal, recovery = Wal.open(tmp_path, fsync="off", segment_size=1 << 20)
+    assert recovery.torn is not None and recovery.torn.offset == record_offsets(1, bodies)[5]
+    _, records = wal.load()
+    assert [body for _, body in records] == bodies[:5]
     await wal.close()

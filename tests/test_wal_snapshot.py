@@ -10,6 +10,7 @@ import pytest
 
 from spinbroker.wal import Wal, WalCorruption
 from spinbroker.wal.files import write_file_durably
+from spinbroker.wal.frame import frame_end
 from spinbroker.wal.memfiles import MemoryFiles
 from spinbroker.wal.repair import repair
 from spinbroker.wal.snapshot import encode_snapshot, snapshot_name
@@ -171,7 +172,7 @@ def flip_record_in(fs: MemoryFiles, path: Path, skip: int) -> None:
     data = bytearray(fs.read(path))
     offset = 24
     for _ in range(skip):
-        offset += 20 + int.from_bytes(data[offset : offset + 4], "little")
+        offset = frame_end(bytes(data), offset)
     data[offset + 22] ^= 0x08
     fs.corrupt(path, bytes(data))
 

@@ -20,7 +20,14 @@ The body of a single frame is the record. The body of a batch frame is a table, 
 records back to back, the i-th having LSN `lsn + i`:
 
     0   u32       count     records in the frame (at least 1)
-    4   count u32 lengths   each record's length in bytes (they sum to the rest)
+    4   u64       synced    every record up to this LSN was fdatasync'ed before this frame
+                            was written (0: nothing known)
+    12  count u32 lengths   each record's length in bytes (they sum to the rest)
+
+The log writes batch frames only (a lone record is a batch of one); single frames are what
+logs written before batch frames hold, and still read. `synced` is what tells a torn final
+write from damage to records that were already durable (reader.py): a crash can only tear
+what was written after the last sync.
 
 `head_crc` lets the decoder trust `length` before reading the body, so a flipped bit in a
 length can never pass for a record that runs off the end of the file (a torn tail).
@@ -53,8 +60,8 @@ BATCH = 1 << 31
 #: `encode_frames` starts a new batch frame past this many bytes of records.
 MAX_BATCH_BYTES = 1 << 20
 _LENGTH_WORD = struct.Struct("<I")
-#: The first field of a batch body: its record count.
-BATCH_COUNT = struct.Struct("<I")
+#: The first fields of a batch body: its record count and synced watermark.
+BATCH_HEAD = struct.Struct("<IQ")
 _HEAD = struct.Struct("<IQI")
 _HEAD_CRC = struct.Struct("<I")
 _RECORD_HEADER = struct.Struct("<IQII")
@@ -76,10 +83,11 @@ def encode_record(lsn: int, body: bytes) -> bytes:
     return head + _HEAD_CRC.pack(crc32c(head)) + body
 
 
-def encode_batch(first_lsn: int, bodies: Sequence[bytes]) -> bytes:
-    """One batch frame holding `bodies` (LSNs first_lsn, first_lsn + 1, ...)."""
+def encode_batch(first_lsn: int, bodies: Sequence[bytes], synced: int = 0) -> bytes:
+    """One batch frame holding `bodies` (LSNs first_lsn, first_lsn + 1, ...), written
+    when every record up to LSN `synced` was durable."""
     count = len(bodies)
-    table = struct.pack(f"<I{count}I", count, *map(len, bodies))
+    table = struct.pack(f"<IQ{count}I", count, synced, *map(len, bodies))
     body = b"".join((table, *bodies))
     if len(body) > MAX_BODY:
         raise ValueError(f"batch of {len(body)} bytes exceeds {MAX_BODY}")
@@ -87,48 +95,53 @@ def encode_batch(first_lsn: int, bodies: Sequence[bytes]) -> bytes:
     return head + _HEAD_CRC.pack(crc32c(head)) + body
 
 
-def encode_frames(first_lsn: int, bodies: Sequence[bytes]) -> list[bytes]:
-    """The frames for `bodies`, in order: a lone record in a single frame, runs of records
-    in batch frames of about MAX_BATCH_BYTES at most (a record bigger than that alone)."""
+def encode_frames(first_lsn: int, bodies: Sequence[bytes], synced: int = 0) -> list[bytes]:
+    """The batch frames for `bodies`, in order, of about MAX_BATCH_BYTES of records at
+    most (a record bigger than that alone), each carrying the `synced` watermark."""
     frames: list[bytes] = []
     start, size, lsn = 0, 0, first_lsn
     for index, body in enumerate(bodies):
         if size and size + len(body) > MAX_BATCH_BYTES:
-            frames.append(_frame(lsn, bodies[start:index]))
+            frames.append(encode_batch(lsn, bodies[start:index], synced))
             lsn += index - start
             start, size = index, 0
         size += len(body)
     if start < len(bodies):
-        frames.append(_frame(lsn, bodies[start:]))
+        frames.append(encode_batch(lsn, bodies[start:], synced))
     return frames
-
-
-def _frame(lsn: int, bodies: Sequence[bytes]) -> bytes:
-    return encode_record(lsn, bodies[0]) if len(bodies) == 1 else encode_batch(lsn, bodies)
 
 
 def batch_count(data: bytes | memoryview, start: int, length: int) -> int | None:
     """The record count of the batch body at data[start:start + length], if its table is
     sound (a count of at least 1, lengths that add up to the body); None if not."""
-    if length < BATCH_COUNT.size:
+    if length < BATCH_HEAD.size:
         return None
-    (count,) = BATCH_COUNT.unpack_from(data, start)
-    table = BATCH_COUNT.size * (count + 1)
+    count, _ = BATCH_HEAD.unpack_from(data, start)
+    table = BATCH_HEAD.size + 4 * count
     if count < 1 or table > length:
         return None
-    lengths = struct.unpack_from(f"<{count}I", data, start + BATCH_COUNT.size)
+    lengths = struct.unpack_from(f"<{count}I", data, start + BATCH_HEAD.size)
     return count if sum(lengths) == length - table else None
 
 
 def batch_records(data: bytes, start: int, lsn: int) -> Iterator[tuple[int, int, int]]:
     """(lsn, start, stop) of each record of the batch body at `start` of `data`, whose
     table `batch_count` found sound."""
-    (count,) = BATCH_COUNT.unpack_from(data, start)
-    offset = start + BATCH_COUNT.size * (count + 1)
-    for length in struct.unpack_from(f"<{count}I", data, start + BATCH_COUNT.size):
+    count, _ = BATCH_HEAD.unpack_from(data, start)
+    offset = start + BATCH_HEAD.size + 4 * count
+    for length in struct.unpack_from(f"<{count}I", data, start + BATCH_HEAD.size):
         yield lsn, offset, offset + length
         offset += length
         lsn += 1
+
+
+def frame_synced(data: bytes, offset: int) -> int:
+    """The synced watermark of the good frame at `offset` (0 for a single frame)."""
+    (word,) = _LENGTH_WORD.unpack_from(data, offset)
+    if not word & BATCH:
+        return 0
+    synced: int = BATCH_HEAD.unpack_from(data, offset + RECORD_HEADER_SIZE)[1]
+    return synced
 
 
 class Found(Enum):

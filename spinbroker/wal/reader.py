@@ -23,13 +23,14 @@ How damage is classified (the decision the preallocated segments force):
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from spinbroker.wal.frame import (
     BATCH,
-    BATCH_COUNT,
+    BATCH_HEAD,
     LENGTH_LSN,
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
@@ -37,6 +38,7 @@ from spinbroker.wal.frame import (
     decode_record,
     frame_end,
     frame_records,
+    frame_synced,
     read_frames,
 )
 
@@ -101,7 +103,7 @@ def _classify(
         return Damage(offset, f"record has LSN {lsn}, expected {expected}", False, data_end)
     if found is Found.ZEROS:
         detail = f"zero header followed by non-zero bytes up to offset {data_end}"
-        return Damage(offset, detail, True, data_end)
+        return _torn_unless_followed(data, Damage(offset, detail, True, data_end), expected)
     if found is Found.SHORT:
         present = size - offset
         detail = f"record runs past the end of the file ({end - offset} bytes, {present} present)"
@@ -110,8 +112,65 @@ def _classify(
         # Both checksums pass: the frame was written so; a torn write cannot do this.
         return Damage(offset, f"batch frame (LSN {lsn}) with a bad table", False, data_end)
     what = "header" if found is Found.BAD_HEADER else f"body (LSN {lsn})"
-    torn = has_zero_sector(data, offset, min(end, size))
-    return Damage(offset, f"record {what} checksum mismatch", torn, data_end)
+    detail = f"record {what} checksum mismatch"
+    if has_zero_sector(data, offset, min(end, size)):
+        return _torn_unless_followed(data, Damage(offset, detail, True, data_end), expected)
+    return Damage(offset, detail, False, data_end)
+
+
+def _torn_unless_followed(data: bytes, damage: Damage, expected: int) -> Damage:
+    """`damage` looks torn: it is, unless a good frame after it says that the records at
+    the damage (LSN `expected` on) were synced before it was written. A crash can only
+    tear what was written after the last sync; damage to synced records is a lost or
+    zeroed sector or a stray write, and cutting there would drop acknowledged records.
+    (Good frames after a torn spot are normal when several writes were not synced yet:
+    mode `batch`, or a rewrite after a failed sync; their watermark is below the damage.)"""
+    found = frame_after(data, damage.offset + 1, damage.data_end, expected)
+    if found is None:
+        return damage
+    at, lsn = found
+    for frame, _, _ in read_frames(data, at, lsn, damage.data_end):
+        synced = frame_synced(data, frame)
+        if synced >= expected:
+            detail = (
+                f"{damage.detail}; the frame at offset {frame} was written after LSN {synced}"
+                f" was synced: records at the damage were durable, not torn"
+            )
+            return Damage(damage.offset, detail, False, damage.data_end)
+    return damage
+
+
+_NON_ZERO = re.compile(rb"[^\x00]")
+
+
+def frame_after(data: bytes, start: int, stop: int, lsn: int) -> tuple[int, int] | None:
+    """(offset, LSN) of the first good frame starting in [start, stop) with an LSN above
+    `lsn`, or None. Frames start at any offset, so this looks for the upper five bytes of
+    the LSNs that can follow (`lsn` up to 2^24 past it), checks a header at each hit, and
+    skips runs of zeros (which hold no header) whole: C-speed scans, Python per hit."""
+    first_block = lsn >> 24
+    best: tuple[int, int] | None = None
+    for block in (first_block, first_block + 1):
+        pattern = block.to_bytes(5, "little")  # bytes 7..12 of a header: the LSN's top 5
+        position = start + 7
+        while (hit := data.find(pattern, position, stop + 7)) >= 0:
+            header = hit - 7
+            if best is not None and header >= best[0]:
+                break
+            if not any(data[header : header + RECORD_HEADER_SIZE]):
+                # A zero run: a header holds a non-zero byte among its first 12 (LSN >= 1),
+                # so the next one starts at most 11 bytes before the run's end.
+                after = _NON_ZERO.search(data, hit)
+                if after is None:
+                    break
+                position = max(hit + 1, after.start() - 4)
+                continue
+            decoded = decode_record(data, header)
+            if decoded.found is Found.RECORD and decoded.lsn > lsn:
+                best = (header, decoded.lsn)
+                break
+            position = hit + 1
+    return best
 
 
 def _written_end(data: bytes) -> int:
@@ -152,7 +211,7 @@ def iter_checked(data: bytes, first_lsn: int, end: int, start: int) -> Iterator[
     batch table was verified there, once, so this only walks the frames (the replay's fast
     path). Raises RecordError if the frames do not chain as that scan found them, which
     only a caller passing other bytes or another `end` can cause."""
-    unpack, unpack_count = LENGTH_LSN.unpack_from, BATCH_COUNT.unpack_from
+    unpack, unpack_batch = LENGTH_LSN.unpack_from, BATCH_HEAD.unpack_from
     offset, expected = SEGMENT_HEADER_SIZE, first_lsn
     end = min(end, len(data))
     # Every pass moves `offset` forward by at least a header: at most `end` / 20 passes.
@@ -167,9 +226,9 @@ def iter_checked(data: bytes, first_lsn: int, end: int, start: int) -> Iterator[
                 yield lsn, data[body_start:stop]
             expected = lsn + 1
         else:  # batch_records, inlined: this loop runs once per record of the log
-            (count,) = unpack_count(data, body_start)
-            position = body_start + 4 * (count + 1)
-            for length in struct.unpack_from(f"<{count}I", data, body_start + 4):
+            count, _ = unpack_batch(data, body_start)
+            position = body_start + BATCH_HEAD.size + 4 * count
+            for length in struct.unpack_from(f"<{count}I", data, body_start + BATCH_HEAD.size):
                 if lsn >= start:
                     yield lsn, data[position : position + length]
                 position += length

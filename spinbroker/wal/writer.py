@@ -266,7 +266,10 @@ class GroupCommit:
     def _take_frames(self) -> list[bytes]:
         """The frames of every buffered record, which leave the buffer."""
         bodies, self._buffer = self._buffer, []
-        return encode_frames(self._next_lsn - len(bodies), bodies) if bodies else []
+        if not bodies:
+            return []
+        # The synced watermark: what the log knows to be durable as this flush starts.
+        return encode_frames(self._next_lsn - len(bodies), bodies, self._synced_lsn)
 
     def _sync_now(self, last: int) -> bool:
         """Whether the next flush should end with an fdatasync."""
