@@ -21,8 +21,9 @@ parameter named ``ctx`` receives a `CommandContext`.
 time, COMPLETE it with its outcome. A lost connection (or a broker that stops or restarts)
 is retried with capped exponential backoff; a completion that could not be delivered is
 delivered after reconnecting. With a ttr (the default), a running command's lease is
-TOUCHed every third of its ttr, so a long action keeps its lease and survives a broker
-restart. Setting the stop event (SIGTERM and SIGINT do, under `serve`) lets the current
+TOUCHed every third of its ttr, so a long action keeps its lease and survives its
+connection dropping (not a broker restart: no lease does, and the command is delivered
+again; its first completion is then refused as stale). Setting the stop event (SIGTERM and SIGINT do, under `serve`) lets the current
 command finish and be completed, then `run` returns.
 
 One race is left to the broker's leases: a command delivered in the instant the agent is
