@@ -23,8 +23,9 @@ is retried with capped exponential backoff; a completion that could not be deliv
 delivered after reconnecting. With a ttr (the default), a running command's lease is
 TOUCHed every third of its ttr, so a long action keeps its lease and survives its
 connection dropping (not a broker restart: no lease does, and the command is delivered
-again; its first completion is then refused as stale). Setting the stop event (SIGTERM and SIGINT do, under `serve`) lets the current
-command finish and be completed, then `run` returns.
+again; its first completion is then refused as stale). Setting the stop event (SIGTERM and
+SIGINT do, under `serve`) lets the current command finish and be completed, then `run`
+returns.
 
 One race is left to the broker's leases: a command delivered in the instant the agent is
 told to stop while idle in NEXT is dropped with the connection and delivered again when its
