@@ -81,6 +81,13 @@ async def workload(server: Server, clock: Clock) -> None:
     built = (await producer.ok("NEW"))["package"]
     await producer.ok("ADD", {"package": built, "resource": "n", "action": "run"})
     await producer.ok("ENQUEUE", {"package": built})
+    # A leased command of a cancelled package, cancelled when its lease ends (the agent's
+    # connection goes with EOF: answered, then closed, the half-close path).
+    pkg = (await producer.ok("SUBMIT", {"commands": [cmd("lc"), cmd("lc2", [0])]}))["package"]
+    canceller = await raw()
+    await canceller.ok("NEXT", {"resource": "lc", "timeout": 0})
+    await producer.ok("CANCEL", {"package": pkg})
+    await canceller.close()
     # Leases lost: with the connection, and by their ttr running out.
     leaver = await raw()
     await leaver.ok("NEXT", {"resource": "n", "timeout": 0})
