@@ -15,7 +15,6 @@ place, so a snapshot is never ahead of the log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -165,10 +164,8 @@ def _replay(
 class Snapshotter:
     """Takes snapshots of a live broker in a forked child, one at a time."""
 
-    def __init__(self, wal: Wal, parent_only_fds: tuple[int, ...] = ()) -> None:
+    def __init__(self, wal: Wal) -> None:
         self.wal = wal
-        #: Descriptors a snapshot child closes at once (see `_fork_writer`).
-        self.parent_only_fds = parent_only_fds
         self.last_lsn = 0
         self.last_at = time.monotonic()
         self.running: asyncio.Task[None] | None = None
@@ -197,7 +194,7 @@ class Snapshotter:
             return self.running
         started = time.monotonic()
         try:
-            pid = _fork_writer(broker, self.wal.directory, lsn, self.parent_only_fds)
+            pid = _fork_writer(broker, self.wal.directory, lsn)
         except OSError as exc:
             log.error("cannot fork to snapshot at lsn %d: %s", lsn, exc)
             self.last_at = time.monotonic()
@@ -254,22 +251,14 @@ class Snapshotter:
         self.taken += 1
 
 
-def _fork_writer(
-    broker: Broker, directory: Path, lsn: int, parent_only_fds: tuple[int, ...] = ()
-) -> int:
-    """Fork a child that writes the snapshot's temporary file and exits. The child closes
-    `parent_only_fds` first: the data dir's lock above all, which it would otherwise hold
-    past a parent killed alone (SIGKILL, the OOM killer), refusing the restart until the
-    child is done."""
+def _fork_writer(broker: Broker, directory: Path, lsn: int) -> int:
+    """Fork a child that writes the snapshot's temporary file and exits."""
     pid = os.fork()
     if pid != 0:
         return pid
     # The child: never return into the parent's code, never touch its event loop.
     code = 1
     try:
-        for fd in parent_only_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
         detach_forked_child()
         body = state.dump_packed(broker)
         write_snapshot_tmp(OsFiles(), directory, lsn, body)

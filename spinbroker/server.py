@@ -45,6 +45,7 @@ from .ids import IdGenerator
 from .persist import RecoveryReport, Snapshotter
 from .readiness import ReadyLsns
 from .wal import FileLayer, Wal, WalCorruption, WalError, WalWriteError
+from .wal.recovery import PARENT_ONLY_FDS
 
 log = logging.getLogger("spinbroker.server")
 
@@ -434,8 +435,7 @@ class Server:
         self.core.readied.clear()  # replayed: all of it is durable
         self._frozen_at = self.appended_lsn  # persist.recover froze what it built
         self.ready_lsns = ReadyLsns(self.core.next_order)
-        lock = () if self._lock_fd is None else (self._lock_fd,)
-        self.snapshotter = Snapshotter(wal, parent_only_fds=lock)
+        self.snapshotter = Snapshotter(wal)
         self.snapshotter.last_lsn = self.recovery.snapshot_lsn
         self._append_outbox()
         await wal.commit()
@@ -443,6 +443,7 @@ class Server:
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
+            PARENT_ONLY_FDS.discard(self._lock_fd)
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -454,6 +455,7 @@ class Server:
             os.close(fd)
             raise RuntimeError(f"data dir {data_dir} is in use by another broker") from None
         self._lock_fd = fd
+        PARENT_ONLY_FDS.add(fd)  # forked helpers (log checks, snapshots) close it first
 
     async def _listen_unix(self, path: Path) -> None:
         _claim_socket_path(path)

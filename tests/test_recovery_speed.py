@@ -426,7 +426,8 @@ def test_a_snapshot_child_does_not_hold_the_data_dir_lock(
         return dump(broker)
 
     monkeypatch.setattr(persist.state, "dump_packed", slow_dump)
-    pid = persist._fork_writer(Broker(LIMITS), tmp_path, 1, (lock_fd,))
+    monkeypatch.setattr(recovery, "PARENT_ONLY_FDS", {lock_fd})  # as the server does
+    pid = persist._fork_writer(Broker(LIMITS), tmp_path, 1)
     try:
         assert select.select([ready_read], [], [], 10.0)[0], "the child never started"
         os.close(lock_fd)  # the parent is gone: only the child could hold the lock now

@@ -251,11 +251,23 @@ class _ChildCheck:
         return os.waitstatus_to_exitcode(status)
 
 
+#: Descriptors a forked helper child closes first (see `detach_forked_child`). The broker
+#: puts its data dir lock here: a flock is held while any copy of its descriptor is open,
+#: so a child would otherwise keep it past a parent killed alone (kill -9, the OOM
+#: killer), and a restart would be refused until the child ended. Process-wide, as
+#: descriptors are.
+PARENT_ONLY_FDS: set[int] = set()
+
+
 def detach_forked_child() -> None:
-    """First thing in a forked helper child (segment checks, snapshots): no cyclic
-    collection, which would touch (and so copy) every page of the parent's heap; and
-    default SIGINT/SIGTERM with no wakeup fd, so that a signal meant for the child cannot
-    reach the parent's event loop through the wakeup fd the child inherited."""
+    """First thing in a forked helper child (segment checks, snapshots): close
+    PARENT_ONLY_FDS; no cyclic collection, which would touch (and so copy) every page of
+    the parent's heap; and default SIGINT/SIGTERM with no wakeup fd, so that a signal meant
+    for the child cannot reach the parent's event loop through the wakeup fd the child
+    inherited."""
+    for fd in PARENT_ONLY_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     gc.disable()
     with contextlib.suppress(ValueError):  # only the main thread may (re)set these
         signal.set_wakeup_fd(-1)
