@@ -221,6 +221,39 @@ async def test_repair_prefers_a_snapshot_past_the_cut() -> None:
     await wal.close()
 
 
+async def test_repair_restarts_the_log_after_a_snapshot_past_its_end() -> None:
+    """The newest segment is lost (deleted by hand) and the newest snapshot goes past the
+    end of what is left: open refuses, and repair sets the log aside so that it restarts
+    after the snapshot, which holds everything up to its LSN (audit h3)."""
+    fs = MemoryFiles()
+    wal = open_wal(fs, keep_snapshots=2)  # the log is kept from the older snapshot on
+    await fill(wal, 20)
+    await wal.write_snapshot(20, b"state at 20")
+    await fill(wal, 20)
+    await wal.write_snapshot(40, b"state at 40")
+    await wal.close()
+    segments = names(fs, ".log")
+    lost = [n for n in segments if int(n[4:20], 16) > 30]  # those holding LSN 31 to 40
+    kept = segments[: len(segments) - len(lost)]
+    assert kept and lost, segments
+    for name in lost:
+        fs.remove(D / name)
+    refused = open_wal(fs, keep_snapshots=2)
+    with pytest.raises(WalCorruption, match="past the end of the log"):
+        refused.load()
+    await refused.close()
+
+    report = repair(D, fs)
+    assert report.remaining is None and report.truncated == []
+    assert [p.name for p in report.moved] == kept
+    assert "a segment is missing" in report.describe()
+    wal = open_wal(fs, keep_snapshots=2)
+    snapshot, records = wal.load()
+    assert snapshot is not None and snapshot.lsn == 40 and list(records) == []
+    assert wal.append(b"next") == 41
+    await wal.close()
+
+
 def test_a_big_file_is_written_and_synced_a_piece_at_a_time() -> None:
     """`write_file_durably(..., sync_every=n)`: each n-byte piece is durable before the next
     is written (a snapshot must not hold the disk's write-back queue, and with it the

@@ -75,6 +75,7 @@ def repair(directory: Path, files: FileLayer | None = None) -> RepairReport:
         report.problems.append(problem)
         if not _drop_covered(files, directory, segments, problem, report):
             _truncate(files, directory, segments, problem, report)
+    _restart_after_snapshot(files, directory, scan_directory(files, directory), report)
     report.remaining = _check_loads(files, directory)
     return report
 
@@ -138,6 +139,31 @@ def _drop_covered(
     for path in covered[: problem.index + 1]:
         _move(files, directory, path, report)
     return True
+
+
+def _restart_after_snapshot(
+    files: FileLayer, directory: Path, segments: list[ScannedSegment], report: RepairReport
+) -> None:
+    """The newest valid snapshot goes past the end of the log: the log's newest segment
+    is missing (deleted, lost with a disk). The snapshot holds everything the log did up
+    to its LSN, so the log is set aside and restarts after it. Records past the
+    snapshot's LSN, if the missing segment held any, are gone: nothing can bring them
+    back, and the report says so."""
+    snapshot_lsn = _newest_valid_snapshot(files, directory)
+    if not segments or snapshot_lsn is None:
+        return
+    end = segments[-1].scan.next_lsn
+    if snapshot_lsn < end:
+        return
+    detail = (
+        f"the log ends before LSN {end} but snapshot {snapshot_lsn} goes past it: a segment "
+        f"is missing; the log restarts after the snapshot (records after LSN "
+        f"{snapshot_lsn}, if the missing segment held any, are lost)"
+    )
+    last = segments[-1]
+    report.problems.append(Problem(-1, last.path, last.scan.end, detail, False, 0))
+    for segment in segments:
+        _move(files, directory, segment.path, report)
 
 
 def _truncate(
