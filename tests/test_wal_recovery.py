@@ -125,6 +125,11 @@ async def test_flipped_bit_in_the_middle_is_refused_then_repaired(tmp_path: Path
         p.name for p in segments[1:]
     ]
     assert "truncated" in report.describe()
+    # the damaged record (LSN first_lsn + 1) and every one after it
+    assert report.dropped == (first_lsn + 1, len(bodies) + 1)
+    assert f"dropped {len(bodies) - first_lsn} records, LSN {first_lsn + 1} to 30" in (
+        report.describe()
+    )
 
     assert await read_log(tmp_path) == bodies[: first_lsn - 1 + 1]
     assert repair(tmp_path).changed is False

@@ -194,6 +194,7 @@ async def test_repair_drops_a_damaged_segment_a_snapshot_covers() -> None:
 
     report = repair(D, fs)
     assert report.truncated == [] and report.remaining is None
+    assert report.dropped is None  # the snapshot holds all that was set aside
     assert [p.name for p in report.moved] == covered
     wal = open_wal(fs)
     snapshot, records = wal.load()
@@ -214,6 +215,7 @@ async def test_repair_prefers_a_snapshot_past_the_cut() -> None:
     assert report.truncated == [(D / "wal-0000000000000001.log", report.truncated[0][1])]
     assert [p.name for p in report.moved] == ["wal-0000000000000001.log"]
     assert report.remaining is None
+    assert report.dropped == (31, 41)  # what the snapshot at 30 does not hold
     wal = open_wal(fs, keep_snapshots=1)
     snapshot, records = wal.load()
     assert snapshot is not None and snapshot.lsn == 30 and list(records) == []

@@ -38,6 +38,9 @@ class RepairReport:
     moved: list[Path] = field(default_factory=list)
     #: Why the log still cannot be loaded, if it cannot.
     remaining: str | None = None
+    #: LSNs [first, end) a cut took out of the log: records acknowledged once, and gone
+    #: unless restored from the backup by hand (None if no cut dropped any).
+    dropped: tuple[int, int] | None = None
 
     @property
     def changed(self) -> bool:
@@ -53,6 +56,12 @@ class RepairReport:
             lines.append(f"  truncated {path.name} at offset {offset} (original kept)")
         for path in self.moved:
             lines.append(f"  moved {path.name} into the backup")
+        if self.dropped is not None:
+            first, end = self.dropped
+            lines.append(
+                f"  dropped {end - first} records, LSN {first} to {end - 1} (their bytes are in"
+                " the backup; the damaged one cannot be read)"
+            )
         if self.backup is not None:
             lines.append(f"  backup: {self.backup}")
         if self.remaining is not None:
@@ -188,12 +197,19 @@ def _truncate(
         next_lsn = damaged.scan.next_lsn
     for later in segments[problem.index + 1 :]:
         _move(files, directory, later.path, report)
+    # Everything from the damage to the end of the log is gone from it (at least: a later
+    # segment may itself end early), unless a snapshot holds part of it.
+    first, end = next_lsn, max(next_lsn, segments[-1].scan.next_lsn)
     snapshots = list_snapshots(files, directory)
     if snapshots and snapshots[-1][0] >= next_lsn:
         # A snapshot holds more than the cut log: keep it, set the shorter log aside.
         for kept in segments[: problem.index + 1]:
             if kept.path.name in files.listdir(directory):
                 _move(files, directory, kept.path, report)
+        first = snapshots[-1][0] + 1
+    if first < end:
+        earlier = report.dropped
+        report.dropped = (first, end) if earlier is None else (min(first, earlier[0]), end)
 
 
 def _check_loads(files: FileLayer, directory: Path) -> str | None:
