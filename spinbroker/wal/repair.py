@@ -18,6 +18,8 @@ from pathlib import Path
 
 from spinbroker.wal.errors import WalCorruption
 from spinbroker.wal.files import FileLayer, OsFiles, truncate_durably, write_file_durably
+from spinbroker.wal.frame import read_frames
+from spinbroker.wal.reader import frame_after
 from spinbroker.wal.recovery import Problem, ScannedSegment, first_problem, scan_directory
 from spinbroker.wal.segment import SegmentList
 from spinbroker.wal.snapshot import BadSnapshot, choose_snapshot, list_snapshots, read_snapshot
@@ -59,8 +61,8 @@ class RepairReport:
         if self.dropped is not None:
             first, end = self.dropped
             lines.append(
-                f"  dropped {end - first} records, LSN {first} to {end - 1} (their bytes are in"
-                " the backup; the damaged one cannot be read)"
+                f"  dropped at least {end - first} records, LSN {first} to {end - 1} (their bytes"
+                " are in the backup)"
             )
         if self.backup is not None:
             lines.append(f"  backup: {self.backup}")
@@ -185,21 +187,25 @@ def _truncate(
     """Cut the log at the damage: keep a copy of the segment, truncate it (or move it whole
     if the damage is at its start), move every later segment aside."""
     damaged = segments[problem.index]
+    original = files.read(damaged.path)
     if problem.offset == 0:
         _move(files, directory, damaged.path, report)
         next_lsn = damaged.scan.first_lsn
     else:
         backup = _backup(files, directory, report)
-        write_file_durably(files, backup / damaged.path.name, files.read(damaged.path))
+        write_file_durably(files, backup / damaged.path.name, original)
         files.sync_dir(backup)
         truncate_durably(files, damaged.path, problem.offset)
         report.truncated.append((damaged.path, problem.offset))
         next_lsn = damaged.scan.next_lsn
     for later in segments[problem.index + 1 :]:
         _move(files, directory, later.path, report)
-    # Everything from the damage to the end of the log is gone from it (at least: a later
-    # segment may itself end early), unless a snapshot holds part of it.
-    first, end = next_lsn, max(next_lsn, segments[-1].scan.next_lsn)
+    # Everything from the damage to the end of the log is gone from it, unless a snapshot
+    # holds part of it. The end is a lower bound: the damaged record's own count cannot be
+    # read, and a later segment may itself end early.
+    first, end = next_lsn, max(next_lsn + 1, segments[-1].scan.next_lsn)
+    if problem.index + 1 == len(segments):  # intact frames after the damage say more
+        end = max(end, _end_after(original, problem.offset, next_lsn))
     snapshots = list_snapshots(files, directory)
     if snapshots and snapshots[-1][0] >= next_lsn:
         # A snapshot holds more than the cut log: keep it, set the shorter log aside.
@@ -210,6 +216,18 @@ def _truncate(
     if first < end:
         earlier = report.dropped
         report.dropped = (first, end) if earlier is None else (min(first, earlier[0]), end)
+
+
+def _end_after(data: bytes, offset: int, lsn: int) -> int:
+    """Past the last LSN of the intact frames after the damage at `offset` (0 if none)."""
+    found = frame_after(data, offset + 1, len(data), lsn)
+    if found is None:
+        return 0
+    at, first = found
+    end = first
+    for _, frame_lsn, count in read_frames(data, at, first, len(data)):
+        end = frame_lsn + count
+    return end
 
 
 def _check_loads(files: FileLayer, directory: Path) -> str | None:
