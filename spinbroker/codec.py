@@ -24,7 +24,7 @@ import msgpack
 
 from . import textmode
 from .errors import BrokerError, ErrorCode
-from .schema import MAX_NESTING
+from .schema import MAX_NESTING, unencodable
 from .textmode import TEXT_USAGE
 
 __all__ = ["TEXT_USAGE", "BadInput", "Mode", "Request", "ServerCodec"]
@@ -134,33 +134,8 @@ def _shape_error(problem: str) -> BrokerError:
     return BrokerError(ErrorCode.BAD_REQUEST, f"a request is an array [id, verb, args?]; {problem}")
 
 
-def _nested_too_deep(args: dict[str, Any]) -> bool:
-    """Whether maps and lists nest more than MAX_NESTING levels in `args` (level 1).
-
-    msgpack itself reads up to 1024 levels, and text-mode JSON almost as many; a value that
-    deep cannot be copied, printed or rendered as JSON without exhausting Python's recursion
-    limit. Looked at level by level, so args of plain values cost one pass over them.
-    """
-    for value in args.values():
-        if type(value) is dict or type(value) is list:
-            break
-    else:
-        return False  # the usual request: plain values only
-    level: list[Any] = [args]
-    for _ in range(MAX_NESTING):
-        below: list[Any] = []
-        for container in level:
-            for item in container.values() if type(container) is dict else container:
-                if type(item) is dict or type(item) is list:
-                    below.append(item)
-        if not below:
-            return False
-        level = below
-    return True
-
-
-def _too_deep(rid: int | None, verb: str) -> BadInput:
-    message = f"maps and lists nested more than {MAX_NESTING} levels deep in the arguments"
+def _too_deep(rid: int | None, verb: str, problem: str) -> BadInput:
+    message = f"{problem} in the arguments"
     return BadInput(rid, verb, BrokerError(ErrorCode.BAD_REQUEST, message), False)
 
 
@@ -413,8 +388,11 @@ class ServerCodec:
                     events.append(BadInput(None, verb, result, False))
                 else:
                     assert verb is not None  # parse_line pairs a None verb with an error
-                    if _nested_too_deep(result):
-                        events.append(_too_deep(None, verb))
+                    # Counted from the args map, as for a msgpack request's parameters
+                    # (requests.new_command): a line nests as deep as its request.
+                    problem = unencodable(result, MAX_NESTING)
+                    if problem is not None:
+                        events.append(_too_deep(None, verb, problem))
                     else:
                         events.append(Request(None, verb, result))
         return events
