@@ -125,11 +125,7 @@ def _torn_unless_followed(data: bytes, damage: Damage, expected: int) -> Damage:
     zeroed sector or a stray write, and cutting there would drop acknowledged records.
     (Good frames after a torn spot are normal when several writes were not synced yet:
     mode `batch`, or a rewrite after a failed sync; their watermark is below the damage.)"""
-    found = frame_after(data, damage.offset + 1, damage.data_end, expected)
-    if found is None:
-        return damage
-    at, lsn = found
-    for frame, _, _ in read_frames(data, at, lsn, damage.data_end):
+    for frame, _, _ in frames_after(data, damage.offset + 1, damage.data_end, expected):
         synced = frame_synced(data, frame)
         if synced >= expected:
             detail = (
@@ -143,7 +139,17 @@ def _torn_unless_followed(data: bytes, damage: Damage, expected: int) -> Damage:
 _NON_ZERO = re.compile(rb"[^\x00]")
 
 
-def frame_after(data: bytes, start: int, stop: int, lsn: int) -> tuple[int, int] | None:
+def frames_after(data: bytes, start: int, stop: int, lsn: int) -> Iterator[tuple[int, int, int]]:
+    """(offset, lsn, count) of the good frames after damage: the first one starting in
+    [start, stop) with an LSN above `lsn` (see `_first_frame_after`), and those that chain
+    on from it, as `read_frames` gives them."""
+    found = _first_frame_after(data, start, stop, lsn)
+    if found is not None:
+        at, first = found
+        yield from read_frames(data, at, first, stop)
+
+
+def _first_frame_after(data: bytes, start: int, stop: int, lsn: int) -> tuple[int, int] | None:
     """(offset, LSN) of the first good frame starting in [start, stop) with an LSN above
     `lsn`, or None. Frames start at any offset, so this looks for the upper five bytes of
     the LSNs that can follow (`lsn` up to 2^24 past it), checks a header at each hit, and

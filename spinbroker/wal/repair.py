@@ -18,8 +18,7 @@ from pathlib import Path
 
 from spinbroker.wal.errors import WalCorruption
 from spinbroker.wal.files import FileLayer, OsFiles, truncate_durably, write_file_durably
-from spinbroker.wal.frame import read_frames
-from spinbroker.wal.reader import frame_after
+from spinbroker.wal.reader import frames_after
 from spinbroker.wal.recovery import Problem, ScannedSegment, first_problem, scan_directory
 from spinbroker.wal.segment import SegmentList
 from spinbroker.wal.snapshot import BadSnapshot, choose_snapshot, list_snapshots, read_snapshot
@@ -220,12 +219,8 @@ def _truncate(
 
 def _end_after(data: bytes, offset: int, lsn: int) -> int:
     """Past the last LSN of the intact frames after the damage at `offset` (0 if none)."""
-    found = frame_after(data, offset + 1, len(data), lsn)
-    if found is None:
-        return 0
-    at, first = found
-    end = first
-    for _, frame_lsn, count in read_frames(data, at, first, len(data)):
+    end = 0
+    for _, frame_lsn, count in frames_after(data, offset + 1, len(data), lsn):
         end = frame_lsn + count
     return end
 
