@@ -113,9 +113,6 @@ class Connection(asyncio.Protocol):
         self.out: list[bytes] = []
         #: Bytes in `out`: past OUT_FLUSH_BYTES they are written before the next request.
         self.out_bytes = 0
-        #: The transport's buffer is over its high-water mark: handle no more requests
-        #: (their replies would pile up in memory) until it drains.
-        self.write_paused = False
         self.closing = False
         #: The client will send nothing more (see eof_received).
         self.eof = False
@@ -153,11 +150,9 @@ class Connection(asyncio.Protocol):
             self.server.disconnected(self)
 
     def pause_writing(self) -> None:
-        self.write_paused = True
         self._pause_reading("write-buffer")
 
     def resume_writing(self) -> None:
-        self.write_paused = False
         self._resume_reading("write-buffer")
         self._schedule_drain()
 
@@ -177,7 +172,7 @@ class Connection(asyncio.Protocol):
             if self.inflight >= limit:
                 self._pause_reading("inflight")
                 return
-            if self.write_paused:
+            if "write-buffer" in self._read_paused_by:
                 return  # resume_writing carries on
             event = self.backlog.popleft()
             self.inflight += 1
@@ -273,7 +268,7 @@ class Connection(asyncio.Protocol):
             self.backlog
             and not self._drain_scheduled
             and not self.write_paused
-            and not self._text_blocked()
+            and not (self.codec.mode is Mode.TEXT and self.blocked)
         ):
             # Requests read ahead waited for replies to go out (a blocked text request was
             # answered, the in-flight limit is no longer reached, the client read its
@@ -281,8 +276,11 @@ class Connection(asyncio.Protocol):
             self._drain_scheduled = True
             self.server.loop.call_soon(self._continue_backlog)
 
-    def _text_blocked(self) -> bool:
-        return self.codec.mode is Mode.TEXT and bool(self.blocked)
+    @property
+    def write_paused(self) -> bool:
+        """The transport's buffer is over its high-water mark: no more requests are handled
+        (their replies would pile up in memory) until it drains (resume_writing)."""
+        return "write-buffer" in self._read_paused_by
 
     def _continue_backlog(self) -> None:
         self._drain_scheduled = False
