@@ -62,6 +62,9 @@ GOOD_NAMES_MAX = 10_000
 #: the failed command's reason (which keeps all of it): one failure with a long reason must
 #: not be copied whole into each of thousands of dependents, snapshots and STATUS replies.
 REASON_QUOTE_MAX = 200
+#: The reason of a command cancelled by CANCEL of its package (at once, or when a lease it
+#: had at the CANCEL ended without COMPLETE).
+PACKAGE_CANCELLED = "package cancelled"
 #: At most this many action names are shared (see `Broker.shared_name`).
 SHARED_NAMES_MAX = 10_000
 
@@ -942,7 +945,7 @@ class Broker:
 
     def _apply_lease_cancelled(self, cmd: Command) -> None:
         self._drop_lease(cmd)
-        cmd.reason = "package cancelled"
+        cmd.reason = PACKAGE_CANCELLED
         self._settle(cmd, CANCELLED)
         self._cascade(cmd)
 
@@ -1025,7 +1028,7 @@ class Broker:
                 q.waiting -= 1
             elif cmd.state is READY:
                 q.ready -= 1
-            cmd.reason = "package cancelled"
+            cmd.reason = PACKAGE_CANCELLED
             cmd.state = CANCELLED
             pkg.cancelled_any = True
             pkg.unsettled -= 1
