@@ -641,11 +641,13 @@ def _param_from_wire(data: object, where: str, depth: int) -> Param:
         raise SchemaError(f"{where}: type must be one of {kinds}, got {_shown(type_name)}")
     kind = Kind(type_name)
     fields = wire.get("fields")
+    default = wire.get("default", MISSING)
     try:
         return Param(
             kind=kind,
-            required=_wire_bool(wire, "required", where, default=True),
-            default=wire.get("default", MISSING),
+            # protocol.md: required unless `required` is false or it has a default
+            required=_wire_bool(wire, "required", where, default=default is MISSING),
+            default=default,
             description=_wire_str(wire, "description", where),
             minimum=_wire_number(wire, "minimum", where),
             maximum=_wire_number(wire, "maximum", where),

@@ -417,6 +417,19 @@ def test_from_wire_refuses_malformed_schemas(wire: Any, message: str) -> None:
         from_wire(wire)
 
 
+def test_a_parameter_is_required_unless_it_says_so_or_has_a_default() -> None:
+    """protocol.md: "A parameter is required unless `required` is false or it has a
+    default" (the framework always writes `required`; a hand-written schema may not)."""
+    defaulted = from_wire(_one_param({"type": "int", "default": 5}))
+    spec = defaulted.actions["a"]
+    assert spec.validate({}) == {"p": 5}
+    plain = from_wire(_one_param({"type": "int"})).actions["a"]
+    with pytest.raises(SchemaError, match="required parameter 'p' is missing"):
+        plain.validate({})
+    optional = from_wire(_one_param({"type": "int", "required": False})).actions["a"]
+    assert optional.validate({}) == {}
+
+
 def _nest(depth: int) -> Any:
     value: Any = 1
     for _ in range(depth):
