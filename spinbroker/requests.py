@@ -78,9 +78,13 @@ def optional_str(args: dict[str, Any], name: str) -> str | None:
     return value
 
 
-def new_command(raw: Any, where: str = "", positions: bool = False) -> NewCommand:
+def new_command(
+    raw: Any, where: str = "", positions: bool = False, level: int | None = None
+) -> NewCommand:
     """One command as ADD or SUBMIT carries it: resource, action, parameters, dependencies.
-    With `positions`, a dependency may be an int (SUBMIT: an earlier command's position)."""
+    With `positions`, a dependency may be an int (SUBMIT: an earlier command's position).
+    `level` is where its parameters sit in the request's args (PARAMETERS_LEVEL in a list
+    of commands, ONE_COMMAND_LEVEL when the args are the command)."""
     if not isinstance(raw, dict):
         raise _bad(f"{where}a command must be a map, not {shown(raw)}")
     resource = string(raw, "resource")
@@ -93,7 +97,7 @@ def new_command(raw: Any, where: str = "", positions: bool = False) -> NewComman
     else:
         for value in parameters.values():
             if type(value) is dict or type(value) is list:  # only nested ones are walked
-                _check_nesting(parameters, where)
+                _check_nesting(parameters, where, PARAMETERS_LEVEL if level is None else level)
                 break
     deps = raw.get("dependencies")
     if deps is None:
@@ -113,10 +117,12 @@ def new_command(raw: Any, where: str = "", positions: bool = False) -> NewComman
 #: Where parameters sit in a request's args: args (1), commands (2), a command (3), its
 #: parameters (4). Requests may nest MAX_NESTING levels from the args map down.
 PARAMETERS_LEVEL = 4
+#: ... and in a one-command ADD, whose args are the command: args (1), parameters (2).
+ONE_COMMAND_LEVEL = 2
 
 
-def _check_nesting(parameters: dict[str, Any], where: str) -> None:
-    problem = unencodable(parameters, MAX_NESTING - PARAMETERS_LEVEL + 1)
+def _check_nesting(parameters: dict[str, Any], where: str, level: int) -> None:
+    problem = unencodable(parameters, MAX_NESTING - level + 1)
     if problem is None:
         return
     if problem.startswith("maps and lists nested"):

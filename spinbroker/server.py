@@ -849,7 +849,7 @@ class Server:
         if many:
             commands = requests.command_list(args, positions=False)
         else:
-            commands = [requests.new_command(args)]
+            commands = [requests.new_command(args, level=requests.ONE_COMMAND_LEVEL)]
         ids = self.new_id.many(len(commands))
         self.core.add_commands(package_id, commands, ids, self.clock())
         conn.reply(req, "ok", {"commands": ids} if many else {"command": ids[0]})

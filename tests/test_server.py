@@ -444,6 +444,24 @@ async def test_parameters_nested_too_deep_are_refused(raw: Connect, text: Connec
     assert (await prod.ok("STATS"))["totals"]["commands"] == 1
 
 
+async def test_a_one_command_add_nests_as_deep_as_its_args_allow(raw: Connect) -> None:
+    """Audit h5: a one-command ADD's parameters sit at level 2 of its args, not 4 as in a
+    list of commands; the limit counts from the args map in both."""
+    prod: RawMsgpack = await raw()
+    pkg = (await prod.ok("NEW"))["package"]
+    base = {"package": pkg, "resource": "r", "action": "a"}
+    fine = nest(MAX_NESTING - 2)  # the args and parameters levels
+    assert "command" in await prod.ok("ADD", {**base, "parameters": {"x": fine}})
+    deep = await prod.call("ADD", {**base, "parameters": {"x": [fine]}})
+    assert deep[1] == "error" and deep[2]["code"] == "bad_request", deep
+    listed = {
+        "package": pkg,
+        "commands": [{"resource": "r", "action": "a", "parameters": {"x": fine}}],
+    }
+    too_deep = await prod.call("ADD", listed)
+    assert too_deep[1] == "error" and too_deep[2]["code"] == "bad_request", too_deep
+
+
 async def test_malformed_msgpack_closes_only_that_connection(raw: Connect) -> None:
     c: RawMsgpack = await raw()
     c.send_raw(b"\x91\xc1")  # a one-element array holding a never-used byte
