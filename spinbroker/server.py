@@ -775,9 +775,13 @@ class Server:
         self.holding.discard(conn)
         for blocked in list(conn.blocked):
             self._unblock(blocked)
+        if self._stopping:
+            # stop() closes every connection and its records are all logged: ending these
+            # leases now would change the core past the log, and the final snapshot would
+            # hold what no record says. The next start ends them, as after a crash.
+            return
         self.core.release_owner(conn.id, self.clock())
-        if not self._stopping:
-            self.after_batch()
+        self.after_batch()
 
     def _schedule_tick(self) -> None:
         when = self.core.next_deadline()

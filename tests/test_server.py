@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import stat
 from collections.abc import Callable
@@ -17,10 +18,11 @@ from typing import Any
 import msgpack
 import pytest
 
-from spinbroker import records
+from spinbroker import persist, records
 from spinbroker.config import Limits
 from spinbroker.schema import MAX_NESTING
 from spinbroker.server import EXIT_CANNOT_LOG, Server
+from spinbroker.wal import Wal
 
 from .conftest import RawMsgpack, TextClient, open_stream
 
@@ -777,3 +779,40 @@ async def test_stop_sends_the_last_acknowledgements_then_closes(make_server: Con
     assert [m[0] for m in replies] == ids
     assert all(m[1] == "ok" for m in replies)
     assert await c.closed()
+
+
+async def test_stop_changes_nothing_the_log_does_not_hold(
+    make_server: Connect, tmp_path: Path
+) -> None:
+    """Agents' connections close while the broker stops (it closes them itself). Ending
+    their leases then would change the core after its last record, and the final snapshot
+    would hold changes the log never got: a replay of the log alone would disagree with it.
+    Their leases end at the next start instead, as after a crash."""
+    limits = Limits(max_deliveries=1)  # an ended connection lease fails its command
+    server: Server = await make_server(limits)
+    producer = RawMsgpack(*await open_stream(server, False))
+    agent = RawMsgpack(*await open_stream(server, False))
+    first = await producer.ok(
+        "SUBMIT", {"commands": [{"resource": "r", "action": "a"}, {"resource": "r", "action": "b"}]}
+    )
+    a, b = first["commands"]
+    later = await producer.ok(
+        "SUBMIT", {"commands": [{"resource": "s", "action": "d", "dependencies": [a, b]}]}
+    )
+    assert (await agent.ok("NEXT", {"resource": "r", "timeout": 0}))["id"] == a
+    await server.stop()
+    assert server.core.outbox == []
+    assert server.core.status(a)["state"] == "leased"
+
+    data_dir = server.config.data_dir
+    log_only = tmp_path / "log-only"
+    shutil.copytree(data_dir, log_only, ignore=shutil.ignore_patterns("lock", "*.snap"))
+    assert any(data_dir.glob("*.snap")) and not any(log_only.glob("*.snap"))
+    states = []
+    for directory in (data_dir, log_only):
+        wal, _ = Wal.open(directory, fsync="off", preallocate=False)
+        broker, _ = persist.recover(wal, limits, None, 1e10)
+        await wal.close()
+        states.append((broker.status(later["package"], True), broker.status(a)))
+    assert states[0] == states[1]
+    assert states[0][1]["state"] == "failed"  # its one delivery ended with the broker
