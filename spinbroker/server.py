@@ -39,7 +39,7 @@ import msgpack
 from . import PROTOCOL_VERSION, __version__, persist, records, requests, schema
 from .codec import TEXT_USAGE, BadInput, Mode, Request, ServerCodec
 from .config import ServerConfig
-from .core import Broker, Command, NewCommand, Waiter, check_name
+from .core import LEASED, Broker, Command, NewCommand, Waiter, check_name
 from .errors import BrokerError, ErrorCode
 from .ids import IdGenerator
 from .persist import RecoveryReport, Snapshotter
@@ -76,6 +76,13 @@ OUT_FLUSH_BYTES = 256 << 10
 EXIT_CANNOT_LOG = 70
 
 
+#: A lease a reply delivers: the command and its delivery number then.
+Lease = tuple[Command, int]
+#: A reply waiting for the log, (need, data, request id, verb, lease): it leaves once LSN
+#: `need` is durable; `lease` if it delivers one (see `Connection.fail_held`).
+Held = tuple[int, bytes, int | None, str | None, Lease | None]
+
+
 class Blocked:
     """A NEXT or WAIT that has not been answered yet."""
 
@@ -108,8 +115,10 @@ class Connection(asyncio.Protocol):
         #: in-flight limit (`flush` carries on with them once replies went out).
         self.backlog: deque[Request | BadInput] = deque()
         self._drain_scheduled = False
-        #: Replies waiting for the log position they need: (lsn, bytes, request id, verb).
-        self.held: deque[tuple[int, bytes, int | None, str | None]] = deque()
+        #: Replies waiting for the log position they need (see Held).
+        self.held: deque[Held] = deque()
+        #: Leases whose delivering reply was failed (`fail_held`).
+        self.undelivered: list[Lease] = []
         self.out: list[bytes] = []
         #: Bytes in `out`: past OUT_FLUSH_BYTES they are written before the next request.
         self.out_bytes = 0
@@ -185,20 +194,50 @@ class Connection(asyncio.Protocol):
             if self.out_bytes >= OUT_FLUSH_BYTES:
                 self.flush()  # may pause writing: a client that does not read stops here
 
-    def reply(self, req: Request, kind: str, body: Any, need: int | None = None) -> None:
+    def reply(
+        self,
+        req: Request,
+        kind: str,
+        body: Any,
+        need: int | None = None,
+        lease: Lease | None = None,
+    ) -> None:
+        """`lease`: the reply delivers this lease (NEXT, COMPLETE with `next`)."""
         try:
             data = self.codec.encode_reply(req, kind, body)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # cannot encode
             log.exception("cannot encode the reply to %s", req.verb)
             err = BrokerError(ErrorCode.INTERNAL, f"cannot encode the reply: {exc}")
             data = self.codec.encode_error(req.id, req.verb, err)
-        self._emit(data, req.id, req.verb, need)
+        self._emit(data, req.id, req.verb, need, lease)
+
+    def deliver(self, req: Request, cmd: Command, need: int | None) -> None:
+        """Reply with `cmd`, just leased."""
+        self.reply(req, "ok", cmd.delivered(), need, (cmd, cmd.delivery))
+
+    def take_undelivered(self, resource: str) -> Command | None:
+        """A command of `resource` still leased by a delivery whose reply failed."""
+        found = None
+        kept: list[Lease] = []
+        for cmd, delivery in self.undelivered:
+            alive = cmd.state is LEASED and cmd.delivery == delivery
+            if alive and found is None and cmd.queue.name == resource:
+                found = cmd
+            elif alive:
+                kept.append((cmd, delivery))
+        self.undelivered = kept
+        return found
 
     def reply_error(self, req_id: int | None, verb: str | None, err: BrokerError) -> None:
         self._emit(self.codec.encode_error(req_id, verb, err), req_id, verb)
 
     def _emit(
-        self, data: bytes, req_id: int | None, verb: str | None, need: int | None = None
+        self,
+        data: bytes,
+        req_id: int | None,
+        verb: str | None,
+        need: int | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self.inflight -= 1
         server = self.server
@@ -220,7 +259,7 @@ class Connection(asyncio.Protocol):
             if self.codec.mode is not Mode.TEXT:
                 while at and held[at - 1][0] > need:
                     at -= 1
-            held.insert(at, (need, data, req_id, verb))
+            held.insert(at, (need, data, req_id, verb, lease))
             server.holding.add(self)
         else:
             self.out.append(data)
@@ -238,13 +277,17 @@ class Connection(asyncio.Protocol):
 
     def fail_held(self, err: BrokerError) -> None:
         """The log could not make the held replies' records durable: none of them is an
-        acknowledgement any more; each becomes `err`."""
+        acknowledgement any more; each becomes `err`. A lease such a reply delivered was
+        made all the same (its record waits in the log): the connection's next NEXT on its
+        resource gets it again (`Server._take`), so that it is not left with nobody."""
         encode = self.codec.encode_error
         while self.held:
-            _, _, req_id, verb = self.held.popleft()
+            _, _, req_id, verb, lease = self.held.popleft()
             data = encode(req_id, verb, err)
             self.out.append(data)
             self.out_bytes += len(data)
+            if lease is not None:
+                self.undelivered.append(lease)
         self.server.holding.discard(self)
 
     def flush(self) -> None:
@@ -740,7 +783,7 @@ class Server:
         blocked = waiter.token
         assert isinstance(blocked, Blocked)
         self._unblock(blocked)
-        blocked.conn.reply(blocked.req, "ok", cmd.delivered(), need)
+        blocked.conn.deliver(blocked.req, cmd, need)
 
     def _unblock(self, blocked: Blocked) -> None:
         blocked.cancel_timer()
@@ -904,6 +947,11 @@ class Server:
         """NEXT: deliver the first ready command of `resource`, or park until one is.
         `acknowledges`: the reply also acknowledges this request's earlier change (COMPLETE
         with `next`), so it waits for that change's record too."""
+        if conn.undelivered:
+            again = conn.take_undelivered(resource)
+            if again is not None:  # its reply failed with the log: deliver it again
+                conn.deliver(req, again, None)
+                return
         blocked = Blocked(conn, req)
         waiter = Waiter(blocked, conn.id, ttr)
         # A client that sent EOF has likely closed: no NEXT of it parks (a lease made to it
@@ -915,7 +963,7 @@ class Server:
             need = everything_before
             if not acknowledges:
                 need = self._delivery_need(cmd, everything_before, self.core.readied)
-            conn.reply(req, "ok", cmd.delivered(), need)
+            conn.deliver(req, cmd, need)
             return
         if not block:
             conn.reply(req, "empty", None)

@@ -602,6 +602,34 @@ async def test_reads_still_answer_while_the_disk_fails(brokers: Brokers) -> None
     assert await refused(c.new())  # answering reads unblocked no change
 
 
+async def test_a_delivery_whose_reply_failed_with_the_disk_is_delivered_again(
+    brokers: Brokers,
+) -> None:
+    """Audit h4: a parked NEXT served by a SUBMIT whose flush failed was answered
+    storage_failed, yet its lease was made (its record waits in the log) and stayed: the
+    command was leased to an agent that had been told it got nothing, and no NEXT got it
+    again. Now the connection's next NEXT on that resource gets that same delivery."""
+    fs = MemoryFiles()
+    server = await brokers.start(brokers.config(), files=fs)
+    producer = await brokers.client(server)
+    agent = await brokers.client(server)
+    take = asyncio.ensure_future(agent.next("q", timeout=30))
+    await asyncio.sleep(0)  # let the NEXT task send its request
+    await agent.ping()  # answered after the NEXT was read: the NEXT is parked
+    fs.fail("datasync", errno.EIO, times=1)
+    assert await refused(producer.submit(one("q")))  # not acknowledged, but made
+    assert await refused(take)
+    assert await refused(agent.next("q", timeout=0))  # while the log fails
+    await accepted_again(producer)
+    other = await brokers.client(server)
+    assert await other.next("q", timeout=0) is None  # still leased: to the first agent
+    assert await agent.next("r", timeout=0) is not None  # another resource: not it
+    again = await agent.next("q", timeout=0)
+    assert again is not None and again.delivery == 1
+    assert await agent.complete(again.id, True, delivery=1) == "succeeded"
+    assert await agent.next("q", timeout=0) is None
+
+
 # --------------------------------------------------------------------------- restarts
 
 
