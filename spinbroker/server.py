@@ -540,7 +540,12 @@ class Server:
         for conn in list(self.connections.values()):
             for blocked in list(conn.blocked):
                 self._unblock(blocked)
-                conn.reply_error(blocked.req.id, blocked.req.verb, err)
+                if blocked.req.verb == "COMPLETE":
+                    # COMPLETE with `next`: its completion is made, and the reply
+                    # acknowledges it (once durable); only the NEXT part comes back empty.
+                    conn.reply(blocked.req, "empty", None)
+                else:
+                    conn.reply_error(blocked.req.id, blocked.req.verb, err)
             conn.close_after_flush()
         self.after_batch()
         for srv in self._servers:

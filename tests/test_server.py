@@ -765,6 +765,26 @@ async def test_complete_with_next_is_one_round_trip(raw: Connect) -> None:
     assert (await producer.ok("STATUS", {"id": got["id"]}))["state"] == "leased"
 
 
+async def test_stop_acknowledges_a_complete_whose_next_was_waiting(make_server: Connect) -> None:
+    """Audit h4: a COMPLETE with `next` parked on its NEXT part got `shutting_down` when the
+    broker stopped, though its completion was made and durable. Its reply acknowledges the
+    completion, so it is `empty`, as when the NEXT part times out."""
+    server: Server = await make_server()
+    agent = RawMsgpack(*await open_stream(server, False))
+    await agent.ok("SUBMIT", {"commands": [{"resource": "r", "action": "a"}]})
+    got = await agent.ok("NEXT", {"resource": "r", "timeout": 0})
+    done = agent.send(
+        "COMPLETE", {"command": got["id"], "success": True, "next": {"resource": "r"}}
+    )
+    assert await agent.ok("PING") == "pong"  # the COMPLETE is read, its NEXT part parked
+    await server.stop()
+    assert (await agent.reply())[:3] == [done, "empty", None]
+    wal, _ = Wal.open(server.config.data_dir, fsync="off", preallocate=False)
+    broker, _ = persist.recover(wal, Limits(), None, 1e10)
+    await wal.close()
+    assert broker.status(got["id"])["state"] == "succeeded"
+
+
 async def test_stop_sends_the_last_acknowledgements_then_closes(make_server: Connect) -> None:
     server: Server = await make_server()
     r, w = await asyncio.open_unix_connection(str(server.socket_path))
