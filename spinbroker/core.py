@@ -152,6 +152,7 @@ class Command:
         "parameters",
         "queue",
         "reason",
+        "skip_delivery",
         "state",
         "ttr",
         "unmet",
@@ -172,6 +173,8 @@ class Command:
         #: For a command cancelled through a dependency: the failed command at the root.
         self.causer: str | None = None
         self.delivery = 0
+        #: Set by `recover_leases` after a crash; its next delivery skips a number.
+        self.skip_delivery = False
         self.order = -1
         self.unmet = 0
         self.dependents: list[Command] | None = None
@@ -400,6 +403,9 @@ class Broker:
         self.queues: dict[str, ResourceQueue] = {}
         self.schemas: dict[str, dict[str, Any]] = {}
         self.next_order = 0
+        #: Loaded from a snapshot a clean stop took (state.dump's `clean`): every lease
+        #: made before it is on record (see `recover_leases`).
+        self.stopped_cleanly = False
         #: Records committed since the server last drained them.
         self.outbox: list[Record] = []
         #: (waiter, command) pairs leased to blocked agents since the last drain.
@@ -632,7 +638,8 @@ class Broker:
     def _lease(self, cmd: Command, waiter: Waiter, now: float) -> None:
         deadline = None if waiter.ttr is None else now + waiter.ttr
         owner = waiter.owner if waiter.ttr is None else None
-        self._commit(CommandLeased(cmd.id, cmd.delivery + 1, owner, deadline, now, waiter.ttr))
+        number = cmd.delivery + 2 if cmd.skip_delivery else cmd.delivery + 1
+        self._commit(CommandLeased(cmd.id, number, owner, deadline, now, waiter.ttr))
 
     def _dispatch(self, now: float) -> None:
         """Serve blocked agents from queues that gained ready commands, first come first
@@ -693,11 +700,25 @@ class Broker:
             self._end_lease(cmd, now)
         self._dispatch(now)
 
-    def recover_leases(self, now: float) -> None:
+    def recover_leases(self, now: float, crashed: bool = True) -> None:
         """After a restart no lease is held: every leased command is ready again in its
         original place, its delivery count kept; one that has used up max_deliveries
-        fails instead, as for any lost lease. Called once, after replay."""
-        leased = [c for c in self.commands.values() if c.state is LEASED]
+        fails instead, as for any lost lease. Called once, after replay.
+
+        `crashed`: the broker may have stopped without logging every lease it made. A NEXT
+        reply does not wait for its own lease record (protocol.md, Durability), so a
+        command ready here may have been delivered just before the crash, under the number
+        after its count; its next delivery skips that number, so that the agent which may
+        hold it cannot complete the new one (delivery numbers are never given twice). At
+        most one lease per command can be lost this way: a redelivery's reply waits for
+        every record before its lease. A clean stop logs every lease: no skip then."""
+        leased = []
+        for cmd in self.commands.values():
+            state = cmd.state
+            if state is LEASED:
+                leased.append(cmd)
+            elif crashed and state is READY:
+                cmd.skip_delivery = True
         for cmd in sorted(leased, key=lambda c: c.order):
             self._end_lease(cmd, now)
 
@@ -825,6 +846,7 @@ class Broker:
         cmd.reason = cmd.causer = cmd.dependents = None
         cmd.lease_owner = cmd.lease_deadline = cmd.ttr = None
         cmd.delivery = cmd.unmet = 0
+        cmd.skip_delivery = False
         cmd.order = order = self.next_order
         self.next_order = order + 1
         cmd.state = READY
@@ -920,6 +942,7 @@ class Broker:
         cmd.state = LEASED
         q.leased += 1
         cmd.delivery = rec.delivery
+        cmd.skip_delivery = False
         cmd.ttr = rec.ttr
         cmd.lease_owner = rec.owner
         cmd.lease_deadline = rec.deadline

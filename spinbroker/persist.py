@@ -125,7 +125,8 @@ def _recover(
     broker.outbox.clear()
     broker.finished.clear()
     # Leases do not survive a restart: those commands are ready again in their places.
-    broker.recover_leases(now)
+    # Only a clean stop's snapshot with nothing after it says every lease is on record.
+    broker.recover_leases(now, crashed=not (broker.stopped_cleanly and count == 0))
     released = len(broker.outbox)
     report = RecoveryReport(snapshot_lsn, loaded - started, count, replayed - loaded, released)
     return broker, report
@@ -240,12 +241,13 @@ class Snapshotter:
             self.running = None
 
     async def take_inline(self, broker: Broker, lsn: int) -> None:
-        """At clean shutdown: serialise in this process (nothing left to stall)."""
+        """At clean shutdown, once every record is logged: serialise in this process
+        (nothing left to stall), marked clean (see `Broker.recover_leases`)."""
         if self.running is not None:
             await asyncio.wait([self.running])
-        if lsn <= self.last_lsn:
+        if lsn < self.last_lsn:
             return
-        body = state.dump_packed(broker)
+        body = state.dump_packed(broker, clean=True)
         await self.wal.write_snapshot(lsn, body)
         self.last_lsn = lsn
         self.taken += 1

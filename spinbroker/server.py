@@ -784,7 +784,7 @@ class Server:
         lease is not promised to outlive a crash (the command is delivered again), so a
         NEXT costs no fsync of its own. A later delivery waits for every record before its
         lease, the earlier leases' included, so that a crash loses at most the last one
-        (the delivery count a restarted broker has is at most one lower than the agent's)."""
+        (which the restarted broker's numbering skips: Broker.recover_leases)."""
         blocked = waiter.token
         assert isinstance(blocked, Blocked)
         self._unblock(blocked)

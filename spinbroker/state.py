@@ -34,13 +34,16 @@ from .core import (
     SchemaCheck,
 )
 
-FORMAT = 1
+#: 2 adds `clean` at the end; 1 (without it) still loads.
+FORMAT = 2
+_FORMATS = {1: 4, 2: 5}  # format -> items in the dumped list
 _STATES = list(CommandState)
 _STATE_INDEX = {s: i for i, s in enumerate(_STATES)}
 
 
-def dump(broker: Broker) -> list[Any]:
-    """The state as nested lists (compact: field names are positional)."""
+def dump(broker: Broker, clean: bool = False) -> list[Any]:
+    """The state as nested lists (compact: field names are positional). `clean`: taken at
+    a clean stop, every record made before it is logged (Broker.stopped_cleanly)."""
     packages = []
     for pkg in broker.packages.values():
         commands = [
@@ -73,22 +76,23 @@ def dump(broker: Broker) -> list[Any]:
                 commands,
             ]
         )
-    return [FORMAT, broker.next_order, broker.schemas, packages]
+    return [FORMAT, broker.next_order, broker.schemas, packages, clean]
 
 
 def load(
     data: list[Any], limits: Limits | None = None, schema_check: SchemaCheck | None = None
 ) -> Broker:
     """The broker `dump` described, from the dumped value (after its msgpack round trip)."""
-    fmt, next_order, schemas, packages = data
-    broker = _start(fmt, next_order, schemas, limits, schema_check)
+    fmt, next_order, schemas, packages, *rest = data
+    broker = _start(fmt, len(data), next_order, schemas, limits, schema_check)
     _finish(broker, _build(broker, packages))
+    broker.stopped_cleanly = bool(rest and rest[0] is True)
     return broker
 
 
-def dump_packed(broker: Broker) -> bytes:
+def dump_packed(broker: Broker, clean: bool = False) -> bytes:
     """`dump` as the msgpack bytes a snapshot holds (what `load_packed` reads)."""
-    body: bytes = msgpack.packb(dump(broker), use_bin_type=True)
+    body: bytes = msgpack.packb(dump(broker, clean), use_bin_type=True)
     return body
 
 
@@ -113,13 +117,16 @@ def load_packed(
         max_buffer_size=max(len(body), 1),
     )
     try:
-        if unpacker.read_array_header() != 4:
-            raise ValueError("not a list of 4")
+        items = unpacker.read_array_header()
+        if items not in _FORMATS.values():
+            raise ValueError(f"a list of {items}, not of 4 or 5")
         fmt, next_order, schemas = unpacker.unpack(), unpacker.unpack(), unpacker.unpack()
-        broker = _start(fmt, next_order, schemas, limits, schema_check)
+        broker = _start(fmt, items, next_order, schemas, limits, schema_check)
         count = unpacker.read_array_header()
         unpack = unpacker.unpack
         waiting = _build(broker, (unpack() for _ in range(count)))
+        if items == 5:
+            broker.stopped_cleanly = unpack() is True
         if unpacker.tell() != len(body):
             raise ValueError(f"{len(body) - unpacker.tell()} bytes after the state")
     except (msgpack.UnpackException, ValueError, TypeError, IndexError) as exc:
@@ -150,13 +157,14 @@ class _Reader:
 
 def _start(
     fmt: Any,
+    items: int,
     next_order: Any,
     schemas: Any,
     limits: Limits | None,
     schema_check: SchemaCheck | None,
 ) -> Broker:
-    if fmt != FORMAT:
-        raise ValueError(f"snapshot format {fmt} is not {FORMAT}")
+    if _FORMATS.get(fmt) != items:
+        raise ValueError(f"snapshot format {fmt!r} in a list of {items} is not one this reads")
     broker = Broker(limits, schema_check)
     broker.next_order = next_order
     broker.schemas = dict(schemas)
@@ -217,6 +225,7 @@ def _build(broker: Broker, packages: Iterable[list[Any]]) -> list[Command]:
             cmd.reason, cmd.causer, cmd.delivery, cmd.order = c_reason, c_causer, delivery, order
             cmd.lease_deadline, cmd.ttr = deadline, ttr
             cmd.lease_owner = None
+            cmd.skip_delivery = False
             cmd.unmet = 0
             cmd.dependents = None
             commands[cid] = cmd

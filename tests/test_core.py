@@ -18,6 +18,7 @@ from spinbroker.core import REASON_QUOTE_MAX, Broker, Command, NewCommand, Waite
 from spinbroker.errors import BrokerError, ErrorCode
 from spinbroker.records import (
     CommandCompleted,
+    CommandLeased,
     LeaseCancelled,
     LeaseReleased,
     PackageExpired,
@@ -1214,7 +1215,7 @@ def test_recover_leases_puts_leased_commands_back_in_their_place() -> None:
     assert h.next_id(owner=None, ttr=100.0) == b
     fresh = replay(h.b)
     assert fresh.status(a)["state"] == "leased"
-    fresh.recover_leases(5.0)
+    fresh.recover_leases(5.0, crashed=False)
     assert [type(r) for r in fresh.outbox] == [LeaseReleased, LeaseReleased]
     assert [r.command for r in fresh.outbox] == [a, b]  # type: ignore[union-attr]
     assert fresh.stats()["totals"]["leased"] == 0
@@ -1224,6 +1225,32 @@ def test_recover_leases_puts_leased_commands_back_in_their_place() -> None:
     assert fresh.next_deadline() is None  # b's old ttr deadline is stale
     fresh.tick(100.0)  # and must not release b's new (connection) lease
     assert fresh.status(b)["state"] == "leased"
+
+
+def test_after_a_crash_a_ready_command_skips_the_delivery_number_that_may_be_lost() -> None:
+    """Audit h4: a first delivery's reply leaves before its lease record is durable. Lost
+    in a crash, the restarted broker gave delivery 1 again, and the first agent's stale
+    COMPLETE (delivery 1) was taken for the new lease's."""
+    h = Harness()
+    _, (a, b) = h.submit(nc(), nc())
+    assert h.next_id(owner=1) == a
+    lost = h.b.outbox.pop()  # the lease record the crash took
+    assert isinstance(lost, CommandLeased) and lost.delivery == 1
+    fresh = replay(h.b)
+    fresh.recover_leases(5.0)  # crashed: the default
+    w = Waiter("w", 9, None)
+    got = [fresh.next("r", w, 5.0, False) for _ in range(2)]
+    assert [(g.id, g.delivery) for g in got if g] == [(a, 2), (b, 2)]
+    with pytest.raises(BrokerError) as err:
+        fresh.complete(a, True, None, 1, 5.0)
+    assert err.value.code is ErrorCode.STALE_DELIVERY
+    # The numbers are in the records: a replay of them has the same ones.
+    fresh.outbox[:0] = h.b.outbox  # the whole log: before the crash, then after it
+    again = replay(fresh)
+    assert [again.status(c)["delivery"] for c in (a, b)] == [2, 2]
+    # Lost again and redelivered: the skip is spent, the count goes on from 2.
+    again.release_owner(9, 6.0)
+    assert [again.next("r", w, 6.0, False).delivery for _ in range(2)] == [3, 3]  # type: ignore[union-attr]
 
 
 def test_recover_leases_respects_max_deliveries() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -135,3 +136,23 @@ def test_replay_equals_live(data: st.DataObject) -> None:
     for rec in live.outbox:
         replayed.apply(roundtrip(rec))
     assert observable(replayed) == observable(live)
+
+
+def test_a_clean_stop_is_marked_and_a_format_1_snapshot_still_loads() -> None:
+    """Format 2 ends with `clean` (a clean stop's snapshot: every lease is on record, so
+    recovery skips no delivery number: Broker.recover_leases). Format 1 has no such item
+    and loads as not clean."""
+    b = Broker(LIMITS)
+    b.submit("p", [NewCommand("a", "x", {}, [])], ["c"], 0.0)
+    for clean in (False, True):
+        assert state.load_packed(state.dump_packed(b, clean), LIMITS).stopped_cleanly is clean
+        assert state.load(state.dump(b, clean), LIMITS).stopped_cleanly is clean
+    old = [1, *state.dump(b)[1:4]]
+    for loaded in (
+        state.load(old, LIMITS),
+        state.load_packed(msgpack.packb(old, use_bin_type=True), LIMITS),
+    ):
+        assert not loaded.stopped_cleanly and loaded.status("c")["state"] == "ready"
+    for bad in ([2, *old[1:]], [1, *state.dump(b)[1:]]):  # format and length disagree
+        with pytest.raises(ValueError, match="not one this reads"):
+            state.load_packed(msgpack.packb(bad, use_bin_type=True), LIMITS)
