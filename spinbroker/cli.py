@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import time
@@ -57,10 +58,21 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # `1e400`: a JSON number, but past what a float holds
+        raise UsageError(f"{text} is out of range (a number must be finite)")
+    return value
+
+
 def parse_value(text: str) -> Any:
-    """A parameter value: JSON if it parses (`50`, `true`, `{...}`), else the text itself."""
+    """A parameter value: JSON if it parses (`50`, `true`, `{...}`), else the text itself.
+
+    Raises UsageError for JSON whose numbers overflow to infinity (`1e400`): neither the
+    broker's text mode nor --json output can carry them.
+    """
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except ValueError:
         return text
 
@@ -74,7 +86,10 @@ def parse_params(items: Sequence[str]) -> dict[str, Any]:
             raise UsageError(f"parameter {item!r}: expected key=value")
         if key in params:
             raise UsageError(f"parameter {key!r} given twice")
-        params[key] = parse_value(value)
+        try:
+            params[key] = parse_value(value)
+        except UsageError as exc:
+            raise UsageError(f"parameter {key!r}: {exc}") from None
     return params
 
 
@@ -408,8 +423,32 @@ def client_address(args: argparse.Namespace, environ: Any = None) -> str:
 # --------------------------------------------------------------------------- output
 
 
+def _finite_json(value: Any) -> tuple[Any, int]:
+    """`value` with every non-finite float made a string ("Infinity", "-Infinity", "NaN"),
+    and how many there were: strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return ("NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"), 1
+    if isinstance(value, dict):
+        count = 0
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out[key], n = _finite_json(item)
+            count += n
+        return out, count
+    if isinstance(value, list):
+        pairs = [_finite_json(item) for item in value]
+        return [item for item, _ in pairs], sum(n for _, n in pairs)
+    return value, 0
+
+
 def _print_json(value: Any) -> None:
-    print(json.dumps(to_json_value(value), separators=(",", ":")))
+    """One line of strict JSON (RFC 8259). A non-finite number (another client may have put
+    one in a command's parameters over msgpack) is printed as a string, with a warning on
+    stderr: failing instead would leave a command NEXT has just leased unusable."""
+    finite, replaced = _finite_json(to_json_value(value))
+    if replaced:
+        _error(f"warning: {replaced} non-finite number(s) shown as strings in the JSON output")
+    print(json.dumps(finite, separators=(",", ":"), allow_nan=False))
 
 
 def _emit(args: argparse.Namespace, as_json: Any, text: str) -> None:

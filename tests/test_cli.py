@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import shutil
 import sys
@@ -69,6 +70,20 @@ def test_parse_value_is_json_else_the_text(text: str, value: Any) -> None:
     parsed = parse_value(text)
     assert parsed == value
     assert type(parsed) is type(value)
+
+
+@pytest.mark.parametrize("text", ["1e400", "-1e400", "[1, 1e400]", '{"a": {"b": -1E999}}'])
+def test_parse_value_refuses_numbers_that_overflow(text: str) -> None:
+    """Audit h6: `x=1e400` was stored as inf, and `next --json` then printed `Infinity`."""
+    with pytest.raises(UsageError, match="must be finite"):
+        parse_value(text)
+
+
+def test_an_overflowing_parameter_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["message", "add", "P", "r", "a", "x=1e400"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "parameter 'x': 1e400 is out of range" in err
+    assert "Traceback" not in err
 
 
 def test_parse_params() -> None:
@@ -524,6 +539,29 @@ async def test_cli_values_keep_their_types(cli: Cli) -> None:
         "name": "vm1",
         "quoted": "42",
     }
+
+
+def _strict_json(text: str) -> Any:
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+async def test_cli_json_is_strict_even_for_non_finite_values(broker: Any, cli: Cli) -> None:
+    """Audit h6: a non-finite float another client put in the parameters (msgpack carries
+    it) came out of `next --json` as `Infinity`, which is not JSON."""
+    from spinbroker.client import Client
+
+    async with await Client.connect(broker.socket_path) as client:
+        await client.submit(
+            [{"resource": "inf", "action": "a", "parameters": {"x": math.inf, "y": [-math.inf]}}]
+        )
+    code, out, err = await cli("message", "next", "inf", "--timeout", "0", "--json")
+    assert code == EXIT_OK, err
+    assert len(out.splitlines()) == 1
+    assert _strict_json(out)["parameters"] == {"x": "Infinity", "y": ["-Infinity"]}
+    assert "2 non-finite number(s) shown as strings" in err
 
 
 async def test_cli_empty_and_errors(cli: Cli) -> None:
