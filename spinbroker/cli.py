@@ -69,10 +69,13 @@ def parse_value(text: str) -> Any:
     """A parameter value: JSON if it parses (`50`, `true`, `{...}`), else the text itself.
 
     Raises UsageError for JSON whose numbers overflow to infinity (`1e400`): neither the
-    broker's text mode nor --json output can carry them.
+    broker's text mode nor --json output can carry them; and for JSON nested deeper than
+    the parser's recursion guard (some 900 levels; the broker takes 100).
     """
     try:
         return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise UsageError("nested too deeply (the broker takes 100 levels)") from None
     except ValueError:
         return text
 
@@ -410,6 +413,8 @@ def client_address(args: argparse.Namespace, environ: Any = None) -> str:
     if socket is not None and addr is not None:
         raise UsageError("give --socket or --addr, not both")
     if socket is not None:
+        if not socket:
+            raise UsageError("--socket: empty socket path")
         return f"unix:{socket}"
     candidate, source = (addr, "--addr") if addr is not None else (environ.get(ENV_ADDR), ENV_ADDR)
     if not candidate:
@@ -657,6 +662,9 @@ def _run_client(args: argparse.Namespace) -> int:
         _error(f"{address}: {exc}")
     except (TypeError, OverflowError) as exc:  # a value msgpack cannot carry
         _error(f"cannot send that request: {exc}")
+    except UnicodeEncodeError as exc:  # a lone surrogate: `x="\ud800"`, or undecodable argv
+        bad = exc.object[exc.start : exc.end]
+        _error(f"cannot send that request: {bad!r} is not valid text ({exc.reason})")
     return EXIT_ERROR
 
 

@@ -223,6 +223,24 @@ def test_address_mistakes_are_usage_errors(
     assert "SPINBROKER_ADDR" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["--socket", "", "ping"], ["ping", "--socket", ""]])
+def test_an_empty_socket_path_is_a_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Audit h6: `--socket ''` raised ValueError out of main() (a traceback)."""
+    assert main(argv) == EXIT_USAGE
+    assert "--socket: empty socket path" in capsys.readouterr().err
+
+
+def test_json_nested_past_the_parser_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """Audit h6: `x=[[[...` 1,000 deep raised RecursionError out of main()."""
+    deep = "[" * 1000 + "]" * 1000
+    with pytest.raises(UsageError, match="nested too deeply"):
+        parse_value(deep)
+    assert main(["message", "add", "P", "r", "a", f"x={deep}"]) == EXIT_USAGE
+    assert "parameter 'x': nested too deeply" in capsys.readouterr().err
+
+
 def test_no_broker_is_an_error_not_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -582,6 +600,22 @@ async def test_cli_empty_and_errors(cli: Cli) -> None:
     code, _, err = await cli("message", "enqueue", package)
     assert code == EXIT_ERROR
     assert "not_open" in err
+
+
+@pytest.mark.parametrize(
+    "param",
+    [
+        'x="\\ud800"',  # a JSON escape for a lone surrogate
+        "x=\udcff",  # how Python decodes the byte 0xff in argv
+    ],
+)
+async def test_cli_text_that_is_not_unicode_is_an_error(cli: Cli, param: str) -> None:
+    """Audit h6: a lone surrogate raised UnicodeEncodeError out of main() (a traceback)."""
+    package = await cli.ok("message", "new")
+    code, out, err = await cli("message", "add", package, "r", "a", param)
+    assert (code, out) == (EXIT_ERROR, "")
+    assert err.startswith("spinbroker: cannot send that request: ")
+    assert "surrogates not allowed" in err
 
 
 async def test_cli_failure_reads_well(cli: Cli) -> None:
