@@ -330,13 +330,28 @@ def _add_message_parsers(subparsers: Any, conn: argparse.ArgumentParser) -> None
     )
     _json_option(p)
 
-    p = verb("complete", _complete, "finish a command taken with next")
-    p.add_argument("command", metavar="CMD")
-    p.add_argument("success", type=parse_bool, metavar="true|false")
-    p.add_argument("reason", nargs="*", metavar="REASON", help="why (words are joined)")
-    p.add_argument("--delivery", type=int, metavar="N", help="refuse if redelivered since N")
-    p.set_defaults(trailing="reason")
-    _json_option(p)
+    # The reason is free text: `disk full -ENOSPC`, `exit code -1`. Every word is taken as
+    # typed (REMAINDER: a positional CMD or true|false would swallow a `--` after it), and
+    # parse_args (_complete_words) hands the options of `complete` among them to `options`.
+    options = argparse.ArgumentParser(add_help=False, parents=[conn], exit_on_error=False)
+    options.add_argument("--delivery", type=int, metavar="N", help="refuse if redelivered since N")
+    _json_option(options)
+    p = verbs.add_parser(
+        "complete",
+        parents=[options],
+        help="finish a command taken with next",
+        usage="%(prog)s [-h] [--socket PATH] [--addr HOST:PORT]\n"
+        "       [--delivery N] [--json] CMD true|false [REASON ...]",
+    )
+    p.set_defaults(run=_run_client, handler=_complete, parser=p, complete_options=options)
+    p.add_argument(
+        "words",
+        nargs=argparse.REMAINDER,
+        metavar="CMD true|false [REASON ...]",
+        help="the command, whether it succeeded, then why: the words that follow, joined "
+        "as typed, '-1' and '-ENOSPC' too; --delivery, --json, --socket and --addr among "
+        "them are options; every word after '--' is not",
+    )
 
     p = verb("touch", _touch, "extend the lease of a command taken with next")
     p.add_argument("command", metavar="CMD")
@@ -391,6 +406,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.run is _wal:  # its own parser reads everything after `wal` (see build_parser)
         args.rest = [*args.rest, *extra]
         return args
+    complete_options: argparse.ArgumentParser | None = getattr(args, "complete_options", None)
+    if complete_options is not None:
+        _complete_words(args, complete_options)
     trailing = getattr(args, "trailing", None)
     if trailing is not None:
         words = [w for w in extra if not w.startswith("-")]
@@ -404,6 +422,55 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         except UsageError as exc:
             args.parser.error(str(exc))
     return args
+
+
+def _complete_words(args: argparse.Namespace, options: argparse.ArgumentParser) -> None:
+    """Read `complete`'s words: its options, then CMD, true|false and the reason.
+
+    A word is an option if argparse would read it as one of `options` (`--json`,
+    `--delivery N`, `--delivery=N`, a unique abbreviation such as `--del N`, `--socket`,
+    `--addr`, and `-h`/`--help`); of the other words, even those starting with '-', and of
+    all words after the first `--`, the first is CMD, the second true|false and the rest
+    the reason, in order.
+    """
+    known = options._option_string_actions  # every option string of `options`
+    words: list[str] = args.words
+    plain: list[str] = []
+    option_words: list[str] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if word == "--":
+            plain.extend(words[i:])
+            break
+        if word == "-h" or (len(word) >= 3 and "--help".startswith(word)):
+            args.parser.print_help()
+            args.parser.exit()
+        name, has_value, _ = word.partition("=")
+        matches = [option for option in known if option.startswith(name)]
+        if name in known:
+            matches = [name]
+        if not name.startswith("--") or len(name) < 3 or len(matches) != 1:
+            plain.append(word)
+            continue
+        if known[matches[0]].nargs != 0 and not has_value and i < len(words):
+            word = f"{matches[0]}={words[i]}"  # its value, whatever it looks like (`-1`)
+            i += 1
+        option_words.append(word)
+    try:
+        options.parse_args(option_words, namespace=args)
+    except argparse.ArgumentError as exc:
+        args.parser.error(str(exc))
+    if len(plain) < 2:
+        missing = ", ".join(["CMD", "true|false"][len(plain) :])
+        args.parser.error(f"the following arguments are required: {missing}")
+    args.command = plain[0]
+    try:
+        args.success = parse_bool(plain[1])
+    except argparse.ArgumentTypeError as exc:
+        args.parser.error(f"argument true|false: {exc}")
+    args.reason = plain[2:]
 
 
 def client_address(args: argparse.Namespace, environ: Any = None) -> str:

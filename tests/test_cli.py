@@ -143,6 +143,53 @@ def test_complete_joins_its_reason_and_reads_the_delivery() -> None:
     assert (ok.success, ok.reason, ok.delivery) == (True, [], None)
 
 
+@pytest.mark.parametrize(
+    ("words", "reason", "delivery", "as_json"),
+    [
+        (["disk", "full", "-ENOSPC"], "disk full -ENOSPC", None, False),
+        (["--delivery", "1", "exit", "code", "-1"], "exit code -1", 1, False),
+        (["-1"], "-1", None, False),
+        (["rc=-9", "--json", "killed"], "rc=-9 killed", None, True),
+        (["--delivery=3", "-v", "--verbose"], "-v --verbose", 3, False),
+        (["--del", "4", "--dry-run", "--", "x"], "--dry-run x", 4, False),
+        (["--delivery", "-2", "x"], "x", -2, False),
+        (["--", "--json", "--delivery", "5", "-h"], "--json --delivery 5 -h", None, False),
+        (["a", "--", "b", "--", "c"], "a b -- c", None, False),
+        (["--", "a", "--", "b"], "a -- b", None, False),
+    ],
+)
+def test_complete_reason_words_are_taken_as_typed(
+    words: list[str], reason: str, delivery: int | None, as_json: bool
+) -> None:
+    """Audit h6: every leftover word starting with '-' was an unrecognized option, so
+    `complete C false disk full -ENOSPC` exited 2."""
+    args = parse_args(["message", "complete", "C", "false", *words])
+    assert (" ".join(args.reason), args.delivery, args.json) == (reason, delivery, as_json)
+
+
+def test_complete_options_among_the_reason_are_still_checked(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["message", "complete", "C", "false", "x", "--delivery"]) == EXIT_USAGE
+    assert "expected one argument" in capsys.readouterr().err
+    assert main(["message", "complete", "C", "false", "x", "--delivery", "two"]) == EXIT_USAGE
+    assert "invalid int value: 'two'" in capsys.readouterr().err
+    assert main(["message", "complete", "C", "false", "x", "--help"]) == EXIT_OK
+    assert "[REASON ...]" in capsys.readouterr().out
+    args = parse_args(["message", "complete", "C", "false", "x", "--socket", "/s", "y"])
+    assert (args.socket, args.reason) == ("/s", ["x", "y"])
+    args = parse_args(["message", "complete", "C", "--json", "--delivery", "2", "true", "-x"])
+    assert (args.success, args.json, args.delivery, args.reason) == (True, True, 2, ["-x"])
+    args = parse_args(["message", "complete", "C", "--", "false", "--json"])
+    assert (args.success, args.json, args.reason) == (False, False, ["--json"])
+    args = parse_args(["message", "complete", "--", "-C", "false", "--json"])
+    assert (args.command, args.success, args.json, args.reason) == ("-C", False, False, ["--json"])
+    assert main(["message", "complete", "C", "--json"]) == EXIT_USAGE
+    assert "required: true|false" in capsys.readouterr().err
+    assert main(["message", "complete"]) == EXIT_USAGE
+    assert "required: CMD, true|false" in capsys.readouterr().err
+
+
 def test_next_leases_for_five_minutes_by_default() -> None:
     args = parse_args(["message", "next", "storage"])
     assert (args.resource, args.timeout, args.ttr) == ("storage", None, 300.0)
@@ -633,6 +680,20 @@ async def test_cli_failure_reads_well(cli: Cli) -> None:
         f"causer: {first}",
         "reason: disk full",
     ]
+
+
+async def test_cli_reason_keeps_words_that_start_with_a_dash(cli: Cli) -> None:
+    package = await cli.ok("message", "new")
+    first = await cli.ok("message", "add", package, "storage", "add_volume", "path=test")
+    await cli.ok("message", "enqueue", package)
+    taken = await cli.json("message", "next", "storage", "--timeout", "0")
+    completed = await cli.json(
+        "message", "complete", first, "false", "--delivery", "1", "exit", "code", "-1"
+    )
+    assert completed == {"command": first, "state": "failed"}
+    assert taken["delivery"] == 1
+    status = await cli.json("message", "status", first)
+    assert status["reason"] == "exit code -1"
 
 
 async def test_cli_cancel_stats_ping_touch(cli: Cli) -> None:
