@@ -98,7 +98,9 @@ class HostPathStorage:
         taken = f"image {to_image!r} already exists in volume {to_volume!r}"
         if os.path.lexists(target):
             raise ActionError(taken)
-        fd, partial = tempfile.mkstemp(prefix=f".{to_image}.", suffix=".partial", dir=target_volume)
+        # A short name of fixed length whatever `to_image` is (it may take all 255 bytes),
+        # in the target's directory so that the link into place stays on one filesystem.
+        fd, partial = tempfile.mkstemp(prefix=".copy_image.", suffix=".partial", dir=target_volume)
         try:
             with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
                 sparse_copy(src.fileno(), dst.fileno())

@@ -283,6 +283,27 @@ def test_copy_image_refuses_an_existing_target(storage: HostPathStorage, base: P
     assert sorted(p.name for p in (base / "v").iterdir()) == ["dst.raw", "src.raw"]
 
 
+@pytest.mark.parametrize("name", ["c" * 255, "é" * 127, "c" * 238])
+def test_copy_image_to_the_longest_names(
+    storage: HostPathStorage, base: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit h6: the temporary file was named '.' + to_image + '.XXXXXXXX.partial', past
+    the 255-byte limit for a target name of some 238 bytes or more (ENAMETOOLONG)."""
+    storage.add_volume("v")
+    (base / "v" / "src.raw").write_bytes(b"data")
+    storage.copy_image("v", "src.raw", "v", name)
+    assert (base / "v" / name).read_bytes() == b"data"
+    assert sorted(p.name for p in (base / "v").iterdir()) == sorted([name, "src.raw"])
+
+    def broken(src: int, dst: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(host_path, "sparse_copy", broken)
+    with pytest.raises(OSError, match="No space left"):
+        storage.copy_image("v", "src.raw", "v", name[:-1])
+    assert sorted(p.name for p in (base / "v").iterdir()) == sorted([name, "src.raw"])
+
+
 def test_copy_image_needs_its_source_and_volumes(storage: HostPathStorage) -> None:
     storage.add_volume("v")
     assert refused(storage.copy_image, "v", "nope", "v", "x") == (
