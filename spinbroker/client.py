@@ -21,6 +21,7 @@ import base64
 import itertools
 import logging
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal, TypeAlias, cast
@@ -374,6 +375,8 @@ def status_from_wire(body: Mapping[str, Any]) -> PackageStatus | CommandStatus:
 # --------------------------------------------------------------------------- connection
 
 _Reply: TypeAlias = tuple[str, Any]
+#: More than any refusal line the broker sends before it hangs up (server.py, admit).
+_REFUSAL_MAX = 4096
 
 
 class _Protocol(asyncio.Protocol):
@@ -418,6 +421,13 @@ class _Protocol(asyncio.Protocol):
         return False  # close our side too: the broker will not read what we send
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost is None and exc is not None and not self._replied:
+            # A broker over its connection limit writes its refusal and hangs up at once; a
+            # request written after that fails (EPIPE) and ends the connection before the
+            # loop has read the refusal, which still waits in the socket: report it.
+            refusal = self._unread_refusal()
+            if refusal is not None:
+                self._lost = self._refusal(refusal)
         if self._lost is None:
             reason = "the broker closed the connection"
             if exc is not None:
@@ -507,9 +517,31 @@ class _Protocol(asyncio.Protocol):
             log.debug("dropped reply %r for a request no longer waiting", rid)
 
     def _refused(self, data: bytes) -> None:
+        self._abort(self._refusal(data))
+
+    @staticmethod
+    def _refusal(data: bytes) -> str:
         code, _, message = data.partition(b"\n")[0][4:].decode("ascii", "replace").partition(" ")
         error = error_from_wire({"code": code, "message": message.strip()})
-        self._abort(f"the broker refused the connection: {error}")
+        return f"the broker refused the connection: {error}"
+
+    def _unread_refusal(self) -> bytes | None:
+        """The `ERR ...` line still unread in the socket, if there is one.
+
+        Called from connection_lost, before the transport closes its socket (asyncio and
+        uvloop both close it after the callback). Reads from a duplicate of the descriptor
+        with MSG_DONTWAIT, so it never blocks and never touches the transport's object.
+        """
+        sock = None if self._transport is None else self._transport.get_extra_info("socket")
+        try:
+            fd = -1 if sock is None else sock.fileno()
+            if fd < 0:
+                return None
+            with socket.socket(fileno=os.dup(fd)) as dup:
+                data = dup.recv(_REFUSAL_MAX, socket.MSG_DONTWAIT)
+        except OSError:  # nothing buffered (EAGAIN), reset, or already closed
+            return None
+        return data if data.startswith(b"ERR ") else None
 
     def _abort(self, reason: str) -> None:
         if self._lost is None:

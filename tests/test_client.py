@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -491,6 +492,34 @@ async def test_a_text_refusal_becomes_the_reason_of_connection_lost(short_dir: P
     async with server, await Client.connect(short_dir / "s") as c:
         with pytest.raises(ConnectionLost, match="limit_exceeded: too many connections"):
             await c.ping()
+
+
+async def _refused_before_the_first_write(path: Path) -> None:
+    """The broker refuses and hangs up before our first request is written, which then
+    fails with EPIPE while the refusal is still unread (audit h6: `connection lost:
+    [Errno 32] Broken pipe` in about 1 run of 6 against a broker at --max-connections)."""
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        c = await Client.connect(path)
+        # No await from here to the write, so the loop cannot read the refusal first.
+        conn, _ = listener.accept()
+        conn.sendall(b"ERR limit_exceeded too many connections\n")
+        conn.close()
+        with pytest.raises(ConnectionLost) as caught:
+            await c.ping()
+        await c.close()
+    assert str(caught.value) == (
+        "the broker refused the connection: limit_exceeded: too many connections"
+    )
+
+
+async def test_a_refusal_is_reported_even_when_the_first_write_fails(short_dir: Path) -> None:
+    await _refused_before_the_first_write(short_dir / "s")
+
+
+def test_a_refusal_is_reported_on_the_stock_event_loop_too(short_dir: Path) -> None:
+    asyncio.run(_refused_before_the_first_write(short_dir / "s"))
 
 
 def test_client_runs_on_the_stock_event_loop_too(short_dir: Path) -> None:
