@@ -20,12 +20,14 @@ parameter named ``ctx`` receives a `CommandContext`.
 `Agent.run` is the loop: connect, ANNOUNCE the schema, block on NEXT, run one command at a
 time, COMPLETE it with its outcome. A lost connection (or a broker that stops or restarts)
 is retried with capped exponential backoff; a completion that could not be delivered is
-delivered after reconnecting. With a ttr (the default), a running command's lease is
-TOUCHed every third of its ttr, so a long action keeps its lease and survives its
-connection dropping (not a broker restart: no lease does, and the command is delivered
-again; its first completion is then refused as stale). Setting the stop event (SIGTERM and
-SIGINT do, under `serve`) lets the current command finish and be completed, then `run`
-returns.
+delivered after reconnecting. `storage_failed` (the broker cannot write its log) is retried
+too, with backoff: ANNOUNCE and NEXT over a new connection, TOUCH and COMPLETE as they are,
+a completion until the broker acknowledges or refuses it. With a ttr (the default), a
+running command's lease is TOUCHed every third of its ttr, so a long action keeps its lease
+and survives its connection dropping (not a broker restart: no lease does, and the command
+is delivered again; its first completion is then refused as stale). Setting the stop event
+(SIGTERM and SIGINT do, under `serve`) lets the current command finish and be completed,
+then `run` returns.
 
 One race is left to the broker's leases: a command delivered in the instant the agent is
 told to stop while idle in NEXT is dropped with the connection and delivered again when its
@@ -58,6 +60,7 @@ from spinbroker.client import (
     ConnectionLost,
     DeliveredCommand,
     ShuttingDown,
+    StorageFailed,
     UnknownVerb,
 )
 from spinbroker.config import DEFAULT_DATA_DIR, SOCKET_NAME
@@ -134,6 +137,11 @@ Connector = Callable[[], Awaitable[AgentClient]]
 
 #: Errors that mean "the broker is not there right now": reconnect and try again.
 _GONE: Final = (OSError, ConnectionLost, ShuttingDown, TimeoutError)
+# `StorageFailed` (the broker cannot write its log) is no refusal either: the broker takes
+# changes again as soon as a write succeeds. ANNOUNCE and NEXT are tried again over a new
+# connection after the reconnect backoff (a NEXT answered storage_failed may have leased a
+# command to this connection: closing it ends a connection lease); TOUCH and COMPLETE are
+# tried again, with their own backoff, keeping their delivery number.
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +385,9 @@ class Agent:
                 reporting = asyncio.ensure_future(self._report(report, stopping))
         finally:
             if reporting is not None:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    reporting.cancel()  # cancelled: no more waiting for the broker
                 await asyncio.wait({reporting})  # _report bounds itself after a stop
             await self._drop()
         if reporting is not None:
@@ -406,6 +417,15 @@ class Agent:
                     await self._announce(client)
                 except BaseException as exc:
                     await _close_quietly(client)
+                    if isinstance(exc, StorageFailed):
+                        delay = link.failed()
+                        log.warning(
+                            "the broker cannot write its log, so it refused the announcement "
+                            "(%s); retrying in %.2fs",
+                            exc,
+                            delay,
+                        )
+                        continue
                     if not isinstance(exc, _GONE):
                         raise
                     delay = link.failed()
@@ -422,6 +442,8 @@ class Agent:
             await client.announce(self.resource, self.schema.to_wire())
         except UnknownVerb:
             log.warning("the broker does not know ANNOUNCE: commands are not checked at ADD")
+        except StorageFailed:
+            raise  # not a refusal of the schema: `_connected` tries again
         except ClientError as exc:
             raise AgentError(f"the broker refused the schema of {self.resource}: {exc}") from exc
 
@@ -441,10 +463,15 @@ class Agent:
         problem = taking.exception()
         if problem is None:
             return taking.result()
-        if not isinstance(problem, _GONE):
+        if isinstance(problem, StorageFailed):
+            log.warning(
+                "the broker cannot write its log, so it refused NEXT (%s); reconnecting", problem
+            )
+        elif isinstance(problem, _GONE):
+            log.warning("lost the broker while waiting for a command (%s)", problem)
+        else:
             raise problem
-        log.warning("lost the broker while waiting for a command (%s)", problem)
-        await self._drop(client)
+        await self._drop(client)  # the reconnect waits for the backoff
         return None
 
     async def _run_command(self, command: DeliveredCommand) -> _Report:
@@ -478,6 +505,7 @@ class Agent:
         """TOUCHes the lease every third of `ttr` until cancelled or the lease is gone."""
         # An action that asks for another lease than NEXT gave gets it at once.
         delay = 0.0 if ttr != command.ttr else ttr / 3
+        retry: Backoff | None = None
         while True:
             await asyncio.sleep(delay)
             delay = ttr / 3
@@ -485,10 +513,21 @@ class Agent:
             assert client is not None
             try:
                 await client.touch(command.id, ttr=ttr, delivery=command.delivery)
+                retry = None
             except _GONE as exc:
                 log.warning("command %s: lost the broker while touching (%s)", command.id, exc)
                 await self._drop(client)
                 delay = 0.0
+            except StorageFailed as exc:
+                retry = retry or self._backoff()
+                delay = min(retry.next(), ttr / 3)
+                log.warning(
+                    "command %s: the broker cannot write its log, so it refused TOUCH (%s); "
+                    "retrying in %.2fs",
+                    command.id,
+                    exc,
+                    delay,
+                )
             except ClientError as exc:
                 log.warning(
                     "command %s: lease lost (%s); it may run again elsewhere", command.id, exc
@@ -515,6 +554,9 @@ class Agent:
             await delivering
 
     async def _deliver(self, report: _Report) -> None:
+        """COMPLETEs `report` until the broker acknowledges or refuses it (stale_delivery,
+        not_leased, already_completed, ...); a lost broker and storage_failed are retried."""
+        retry: Backoff | None = None
         while True:
             client = await self._connected(None)
             assert client is not None
@@ -533,9 +575,25 @@ class Agent:
                     exc,
                 )
                 await self._drop(client)
-            except ClientError as exc:
+            except StorageFailed as exc:
+                retry = retry or self._backoff()
+                delay = retry.next()
                 log.warning(
-                    "command %s: the broker refused the completion: %s", report.command, exc
+                    "command %s: the broker cannot write its log, so the completion is not "
+                    "acknowledged (%s); retrying in %.2fs",
+                    report.command,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            except ClientError as exc:
+                # After a storage_failed, already_completed may mean that attempt was applied.
+                unsure = " (an attempt answered storage_failed may have been applied)"
+                log.warning(
+                    "command %s: the broker refused the completion: %s%s",
+                    report.command,
+                    exc,
+                    unsure if retry is not None else "",
                 )
                 return
 
