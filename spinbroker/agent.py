@@ -376,7 +376,7 @@ class Agent:
                 client = await self._connected(stopping)
                 if client is None:
                     break
-                command = await self._take(client, stopping)
+                command = await self._take(client, stopping, reporting)
                 if command is None:
                     continue
                 report = await self._run_command(command)
@@ -447,17 +447,34 @@ class Agent:
         except ClientError as exc:
             raise AgentError(f"the broker refused the schema of {self.resource}: {exc}") from exc
 
-    async def _take(self, client: AgentClient, stop: asyncio.Event) -> DeliveredCommand | None:
-        """Blocks in NEXT until a command comes or `stop` is set."""
+    async def _take(
+        self,
+        client: AgentClient,
+        stop: asyncio.Event,
+        reporting: asyncio.Future[None] | None = None,
+    ) -> DeliveredCommand | None:
+        """Blocks in NEXT until a command comes or `stop` is set. If the previous command's
+        report (`reporting`) fails meanwhile, its error is raised at once: no other command
+        is run first."""
         taking = asyncio.ensure_future(client.next(self.resource, ttr=self.ttr))
         stopped = asyncio.ensure_future(stop.wait())
+        watched: set[asyncio.Future[Any]] = {taking, stopped}
+        if reporting is not None:
+            watched.add(reporting)
         try:
-            await asyncio.wait({taking, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            while not (taking.done() or stopped.done()):
+                await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                if reporting is not None and reporting.done():
+                    if not reporting.cancelled() and reporting.exception() is not None:
+                        break
+                    watched.discard(reporting)
         finally:
             stopped.cancel()
             if not taking.done():
                 taking.cancel()
                 await asyncio.wait({taking})  # let it unwind; a command that won the race stays
+        if reporting is not None and reporting.done() and not reporting.cancelled():
+            reporting.result()  # raises what failed the report, even if a command came too
         if taking.cancelled():
             return None
         problem = taking.exception()
@@ -648,6 +665,10 @@ class _Link:
 
 
 def _cut(reason: str) -> str:
+    """`reason` made fit to send: a lone surrogate (from `os.fsdecode` of a name that is not
+    UTF-8, say) cannot be encoded, so it is written as a backslash escape (``\\udcff``);
+    then cut to MAX_REASON."""
+    reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
     return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
 
 

@@ -303,3 +303,30 @@ async def test_sigterm_while_idle_exits_at_once(server: Server, tmp_path: Path) 
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_note_with_a_lone_surrogate_is_sent_escaped(server: Server, client: Client) -> None:
+    """Once the COMPLETE raised UnicodeEncodeError: the agent ran the next command, then
+    died with both leased."""
+    agent = Agent("files", ttr=30.0)
+
+    @agent.action()
+    def made() -> str:
+        return "made " + os.fsdecode(b"bad\xff.raw")
+
+    @agent.action()
+    def after() -> str:
+        return "after"
+
+    running = Running(agent, Watched(str(server.socket_path)))
+    try:
+        await running.announced()
+        package, ids = await client.submit(
+            [{"resource": "files", "action": "made"}, {"resource": "files", "action": "after"}]
+        )
+        status = await client.wait(package, timeout=10)
+        assert status is not None and status.state == "succeeded", status
+        assert (await client.status(ids[0])).reason == "made bad\\udcff.raw"
+        assert (await client.status(ids[1])).reason == "after"
+    finally:
+        await running.finish()

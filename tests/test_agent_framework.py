@@ -4,6 +4,7 @@ through a scripted client (reconnects, heartbeats, stop)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -115,6 +116,29 @@ async def test_a_handler_exception_is_logged_with_its_traceback(
     assert "Traceback" in caplog.text
 
 
+async def test_lone_surrogates_in_notes_and_reasons_are_escaped() -> None:
+    """A name from `os.fsdecode` that is not UTF-8 holds a lone surrogate, which cannot be
+    sent: it goes out as a backslash escape (once: COMPLETE raised UnicodeEncodeError)."""
+    agent = Agent("files")
+    name = os.fsdecode(b"bad\xff.raw")
+
+    @agent.action()
+    def made() -> str:
+        return f"made {name}"
+
+    @agent.action()
+    def refused() -> None:
+        raise ActionError(f"cannot open {name}")
+
+    @agent.action()
+    def broke() -> None:
+        raise OSError(f"no {name}")
+
+    assert await agent.execute("made", {}) == Outcome(True, "made bad\\udcff.raw")
+    assert await agent.execute("refused", {}) == Outcome(False, "cannot open bad\\udcff.raw")
+    assert await agent.execute("broke", {}) == Outcome(False, "OSError: no bad\\udcff.raw")
+
+
 async def test_sync_handlers_run_in_a_worker_thread() -> None:
     outcome = await storage_agent().execute("thread", {})
     assert outcome.reason != str(threading.get_ident())
@@ -214,6 +238,8 @@ class FakeBroker:
         self.completions: list[tuple[str, bool, str | None, int | None]] = []
         self.lose_completions = 0
         self.refuse_completions: ClientError | None = None
+        #: Raised by every COMPLETE: a bug in sending it (it never reaches the broker).
+        self.break_completions: Exception | None = None
         #: While cleared, COMPLETE does not answer (a broker still syncing it).
         self.completions_answer = asyncio.Event()
         self.completions_answer.set()
@@ -306,6 +332,8 @@ class FakeClient:
         delivery: int | None = None,
     ) -> str:
         self._check()
+        if self.broker.break_completions is not None:
+            raise self.broker.break_completions
         if self.broker.lose_completions:
             self.broker.lose_completions -= 1
             self.drop()
@@ -466,6 +494,21 @@ async def test_a_refused_completion_is_logged_and_the_loop_goes_on(
     await h.finish()
     assert h.broker.completions[0][0] == "c2"
     assert "the broker refused the completion" in caplog.text
+
+
+async def test_a_report_that_fails_ends_the_run_before_another_command() -> None:
+    """A COMPLETE that cannot be sent (a bug) ends `run` while it waits in NEXT, not after
+    it has taken and run another command."""
+    h = Harness(work_agent())
+    h.broker.break_completions = RuntimeError("cannot encode")
+    h.start()
+    await h.broker.commands.put(command(1))
+    assert h.task is not None
+    with pytest.raises(RuntimeError, match="cannot encode"):
+        async with asyncio.timeout(5):
+            await h.task  # before: waited in NEXT, ran the next command, then raised
+    assert len(h.broker.nexts) == 2
+    assert h.broker.clients[-1].closed
 
 
 async def test_completion_after_stop_gives_up_after_the_grace() -> None:
