@@ -14,6 +14,9 @@ must fit (written out, or derived from the handler's type hints)::
 exception from the handler each become a failed `Outcome` with a reason a person can read
 (`ActionError` carries its message as the reason; any other exception reads
 ``"TypeName: message"``, with the traceback going to the agent's log, never to the broker).
+That holds for SystemExit (sys.exit, argparse) and for a CancelledError from a task the
+handler awaited; only the agent's own cancellation goes through. KeyboardInterrupt fails the
+command too, then the loop stops as on SIGINT.
 Sync handlers run in a worker thread, async ones on the loop. A handler that takes a
 parameter named ``ctx`` receives a `CommandContext`.
 
@@ -246,6 +249,8 @@ class Agent:
         self._actions: dict[str, Action] = {}
         self._schema: ResourceSchema | None = None
         self._link: _Link | None = None
+        #: Set when a handler raised KeyboardInterrupt: `run` stops after completing it.
+        self._interrupted = False
 
     # -- the action table --------------------------------------------------------------------
 
@@ -337,12 +342,18 @@ class Agent:
                 result = await asyncio.to_thread(functools.partial(entry.handler, **kwargs))
         except ActionError as exc:
             return Outcome(False, _cut(str(exc) or "failed"))
-        except Exception as exc:
-            log.exception("%s: the handler raised", action)
-            message = str(exc)
-            return Outcome(
-                False, _cut(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
-            )
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the agent itself is cancelled, not the handler failing
+            return _raised(action, exc)  # from a task the handler awaited
+        except KeyboardInterrupt as exc:
+            # Under `serve` SIGINT never raises it (the stop event does that), so the handler
+            # (or what it ran) raised it: the command fails, and the agent stops as on SIGINT.
+            self._interrupted = True
+            return _raised(action, exc)
+        except BaseException as exc:  # Exception, and SystemExit from sys.exit or argparse
+            return _raised(action, exc)
         return Outcome(True, _cut(result) if isinstance(result, str) and result else None)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -370,6 +381,7 @@ class Agent:
             connect = functools.partial(_connect_client, address)
         stopping = stop or asyncio.Event()
         self._link = _Link(connect, self._backoff())
+        self._interrupted = False
         reporting: asyncio.Future[None] | None = None
         try:
             while not stopping.is_set():
@@ -380,6 +392,9 @@ class Agent:
                 if command is None:
                     continue
                 report = await self._run_command(command)
+                if self._interrupted:
+                    log.warning("a handler raised KeyboardInterrupt: stopping, as on SIGINT")
+                    stopping.set()
                 if reporting is not None:
                     await reporting
                 reporting = asyncio.ensure_future(self._report(report, stopping))
@@ -662,6 +677,15 @@ class _Link:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _raised(action: str, exc: BaseException) -> Outcome:
+    """The failure of a handler that raised `exc`: ``"TypeName: message"``."""
+    log.error("%s: the handler raised", action, exc_info=exc)
+    message = str(exc)
+    return Outcome(
+        False, _cut(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
+    )
 
 
 def _cut(reason: str) -> str:

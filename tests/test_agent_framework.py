@@ -3,8 +3,10 @@ through a scripted client (reconnects, heartbeats, stop)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
+import sys
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -137,6 +139,57 @@ async def test_lone_surrogates_in_notes_and_reasons_are_escaped() -> None:
     assert await agent.execute("made", {}) == Outcome(True, "made bad\\udcff.raw")
     assert await agent.execute("refused", {}) == Outcome(False, "cannot open bad\\udcff.raw")
     assert await agent.execute("broke", {}) == Outcome(False, "OSError: no bad\\udcff.raw")
+
+
+def exiting_agent() -> Agent:
+    agent = Agent("jobs")
+
+    @agent.action()
+    def sysexit(code: int = 3) -> None:
+        sys.exit(code)
+
+    @agent.action()
+    def usage() -> None:
+        argparse.ArgumentParser(prog="tool").parse_args(["--nope"])
+
+    @agent.action()
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    @agent.action()
+    async def awaited_cancelled() -> None:
+        inner = asyncio.ensure_future(asyncio.sleep(10))
+        inner.cancel()
+        await inner
+
+    return agent
+
+
+async def test_base_exceptions_from_handlers_fail_the_command(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SystemExit, KeyboardInterrupt and a CancelledError that is not the agent's own fail
+    the command like any exception (once they went through and killed the agent)."""
+    agent = exiting_agent()
+    assert await agent.execute("sysexit", {}) == Outcome(False, "SystemExit: 3")
+    assert await agent.execute("usage", {}) == Outcome(False, "SystemExit: 2")
+    assert await agent.execute("interrupt", {}) == Outcome(False, "KeyboardInterrupt")
+    assert await agent.execute("awaited_cancelled", {}) == Outcome(False, "CancelledError")
+    assert "sysexit: the handler raised" in caplog.text
+
+    # The agent's own cancellation is no failure of the command: it goes through.
+    running = asyncio.Event()
+
+    @agent.action()
+    async def forever() -> None:
+        running.set()
+        await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(agent.execute("forever", {}))
+    await running.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 async def test_sync_handlers_run_in_a_worker_thread() -> None:
@@ -509,6 +562,33 @@ async def test_a_report_that_fails_ends_the_run_before_another_command() -> None
             await h.task  # before: waited in NEXT, ran the next command, then raised
     assert len(h.broker.nexts) == 2
     assert h.broker.clients[-1].closed
+
+
+async def test_sys_exit_in_a_handler_fails_the_command_and_the_loop_goes_on() -> None:
+    agent = exiting_agent()
+    h = Harness(agent)
+    h.start()
+    await h.broker.commands.put(command(1, "sysexit"))
+    await h.broker.commands.put(command(2, "awaited_cancelled"))
+    await h.broker.until(lambda: len(h.broker.completions) == 2)
+    await h.finish()
+    assert h.broker.completions == [
+        ("c1", False, "SystemExit: 3", 1),
+        ("c2", False, "CancelledError", 1),
+    ]
+
+
+async def test_keyboard_interrupt_in_a_handler_fails_it_then_stops_as_sigint() -> None:
+    h = Harness(exiting_agent())
+    h.start()
+    await h.broker.commands.put(command(1, "interrupt"))
+    await h.broker.commands.put(command(2, "sysexit"))  # not taken after the interrupt
+    assert h.task is not None
+    async with asyncio.timeout(5):
+        await h.task  # returns without the stop event being set by anyone else
+    assert h.broker.completions == [("c1", False, "KeyboardInterrupt", 1)]
+    assert h.broker.commands.qsize() == 1
+    assert h.stop.is_set()
 
 
 async def test_completion_after_stop_gives_up_after_the_grace() -> None:
