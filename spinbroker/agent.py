@@ -48,6 +48,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
 import os
 import random
 import signal
@@ -725,6 +726,19 @@ async def _connect_client(address: str) -> AgentClient:
 # -- running an agent as a program -----------------------------------------------------------
 
 
+def _ttr_flag(text: str) -> float:
+    """--ttr: seconds, finite and >= 0 (0: the lease belongs to the connection)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a finite number of seconds >= 0 (0: a connection lease)"
+        )
+    return value
+
+
 async def serve(agent: Agent, address: str) -> None:
     """Runs `agent` until SIGTERM or SIGINT, which let the current command finish first."""
     stop = asyncio.Event()
@@ -762,7 +776,7 @@ def agent_main(
     )
     parser.add_argument(
         "--ttr",
-        type=float,
+        type=_ttr_flag,
         default=60.0,
         help="lease of each command in seconds, TOUCHed while it runs "
         "(0: the lease belongs to the connection; default %(default)s)",
@@ -780,7 +794,7 @@ def agent_main(
     )
     try:
         agent = build(args)
-        agent.ttr = args.ttr if args.ttr > 0 else None
+        agent.ttr = args.ttr or None
         asyncio.run(serve(agent, args.broker))
     except (AgentError, OSError, ValueError) as exc:
         log.error("%s", exc)

@@ -21,6 +21,7 @@ from spinbroker.agent import (
     Backoff,
     CommandContext,
     Outcome,
+    agent_main,
 )
 from spinbroker.client import (
     BadRequest,
@@ -706,3 +707,28 @@ async def test_the_next_command_is_asked_for_while_a_completion_is_unanswered() 
     h.broker.completions_answer.set()
     await h.finish()
     assert [c[0] for c in h.broker.completions] == ["c1", "c2"]
+
+
+# -- agent_main ----------------------------------------------------------------------------------
+
+
+def test_agent_main_takes_a_ttr_that_is_finite_and_not_negative(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Once --ttr went straight to the agent: inf failed at the first NEXT, a negative or
+    nan one became a connection lease. Now they are usage errors (exit 2)."""
+    seen: list[float] = []
+
+    def build(args: argparse.Namespace) -> Agent:
+        seen.append(args.ttr)
+        raise AgentError("built")  # stops agent_main before it connects
+
+    for bad in ["inf", "-inf", "nan", "-5", "-0.5"]:
+        with pytest.raises(SystemExit) as info:
+            agent_main("test agent", build, argv=[f"--ttr={bad}"])
+        assert info.value.code == 2, bad
+        assert "--ttr" in capsys.readouterr().err
+    assert seen == []
+    for good in ["0", "2.5", "60"]:
+        assert agent_main("test agent", build, argv=["--ttr", good]) == 1
+    assert seen == [0.0, 2.5, 60.0]
