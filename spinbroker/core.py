@@ -39,6 +39,7 @@ import msgpack
 from .config import Limits
 from .errors import BrokerError, ErrorCode, shown
 from .records import (
+    BrokerStarted,
     CommandCompleted,
     CommandLeased,
     CommandsAdded,
@@ -711,7 +712,13 @@ class Broker:
         after its count; its next delivery skips that number, so that the agent which may
         hold it cannot complete the new one (delivery numbers are never given twice). At
         most one lease per command can be lost this way: a redelivery's reply waits for
-        every record before its lease. A clean stop logs every lease: no skip then."""
+        every record before its lease. A clean stop logs every lease: no skip then.
+
+        After a clean stop its first record says that a broker started on that state:
+        should this one crash before a clean stop of its own, the clean stop's snapshot is
+        no longer the last word (records follow it)."""
+        if not crashed:
+            self._commit(BrokerStarted(now))
         leased = []
         for cmd in self.commands.values():
             state = cmd.state
@@ -1091,4 +1098,5 @@ _APPLY: dict[type, Callable[[Broker, Any], None]] = {
     PackageExpired: lambda b, r: b._apply_expired(b.packages[r.package], r.at),
     PackageForgotten: lambda b, r: b._apply_forgotten(b.packages.pop(r.package)),
     SchemaAnnounced: Broker._apply_announced,
+    BrokerStarted: lambda b, r: None,
 }

@@ -141,6 +141,15 @@ class SchemaAnnounced:
     at: float
 
 
+@dataclass(slots=True)
+class BrokerStarted:
+    """A broker started on the state a clean stop left (the first record after it).
+    Changes nothing: a clean stop's snapshot is the last word only while no record follows
+    it (see `Broker.recover_leases`)."""
+
+    at: float
+
+
 Record = (
     PackageCreated
     | CommandsAdded
@@ -155,6 +164,7 @@ Record = (
     | PackageExpired
     | PackageForgotten
     | SchemaAnnounced
+    | BrokerStarted
 )
 
 
@@ -198,6 +208,8 @@ def to_wire(rec: Record) -> list[Any]:
             return ["forgotten", p, at]
         case SchemaAnnounced(r, schema, at):
             return ["announced", r, schema, at]
+        case BrokerStarted(at):
+            return ["started", at]
     raise TypeError(f"not a record: {rec!r}")
 
 
@@ -266,6 +278,7 @@ _DECODERS: dict[str, Callable[[list[Any]], Record]] = {
     "expired": lambda w: PackageExpired(w[1], w[2]),
     "forgotten": lambda w: PackageForgotten(w[1], w[2]),
     "announced": lambda w: SchemaAnnounced(w[1], w[2], w[3]),
+    "started": lambda w: BrokerStarted(w[1]),
 }
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from spinbroker.records import (
     SUBMITTED_ONE,
+    BrokerStarted,
     CommandCompleted,
     CommandLeased,
     CommandsAdded,
@@ -61,6 +62,7 @@ RECORDS: list[Record] = [
     PackageExpired("p-3", 3600.0),
     PackageForgotten("p-3", 90000.0),
     SchemaAnnounced("storage", {"add_volume": {"path": "str"}, "n": 1}, 1.0),
+    BrokerStarted(100.5),
 ]
 
 
