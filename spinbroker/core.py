@@ -292,7 +292,7 @@ class Package:
 class Waiter:
     """An agent blocked in NEXT. `token` is the server's handle for the reply."""
 
-    __slots__ = ("lease_record", "owner", "queue", "token", "ttr")
+    __slots__ = ("lease_record", "owner", "queue", "skipped", "token", "ttr")
 
     def __init__(self, token: object, owner: int | None, ttr: float | None) -> None:
         self.token = token
@@ -302,6 +302,9 @@ class Waiter:
         self.queue: ResourceQueue | None = None
         #: Once served: the index in `Broker.outbox` of the record of its lease.
         self.lease_record = -1
+        #: Once served: its lease skipped a delivery number (see `recover_leases`), so its
+        #: reply must wait for the lease's own record.
+        self.skipped = False
 
 
 class ResourceQueue:
@@ -639,7 +642,10 @@ class Broker:
     def _lease(self, cmd: Command, waiter: Waiter, now: float) -> None:
         deadline = None if waiter.ttr is None else now + waiter.ttr
         owner = waiter.owner if waiter.ttr is None else None
-        number = cmd.delivery + 2 if cmd.skip_delivery else cmd.delivery + 1
+        number = cmd.delivery + 1
+        if cmd.skip_delivery:
+            number += 1
+            waiter.skipped = True
         self._commit(CommandLeased(cmd.id, number, owner, deadline, now, waiter.ttr))
 
     def _dispatch(self, now: float) -> None:
@@ -711,8 +717,11 @@ class Broker:
         command ready here may have been delivered just before the crash, under the number
         after its count; its next delivery skips that number, so that the agent which may
         hold it cannot complete the new one (delivery numbers are never given twice). At
-        most one lease per command can be lost this way: a redelivery's reply waits for
-        every record before its lease. A clean stop logs every lease: no skip then.
+        most one lease per command can be lost this way, the one after its count: a
+        redelivery's reply waits for every record before its lease, and a delivery that
+        skipped a number waits for its own lease record too (`Waiter.skipped`), so the
+        skipped-to number is never seen unless it is on record. A clean stop logs every
+        lease: no skip then.
 
         After a clean stop its first record says that a broker started on that state:
         should this one crash before a clean stop of its own, the clean stop's snapshot is

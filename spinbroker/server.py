@@ -610,7 +610,9 @@ class Server:
             deliveries, core.deliveries = core.deliveries, []
             for waiter, cmd in deliveries:
                 # Both logged by now: the batch's records are appended above.
-                self._deliver(waiter, cmd, self._delivery_need(cmd, base + waiter.lease_record, ()))
+                before = base + waiter.lease_record
+                need = before + 1 if waiter.skipped else self._delivery_need(cmd, before, ())
+                self._deliver(waiter, cmd, need)
         if core.finished:
             finished, core.finished = core.finished, []
             for pkg in finished:
@@ -966,7 +968,9 @@ class Server:
         if cmd is not None:
             everything_before = self.appended_lsn + len(self.core.outbox) - 1
             need = everything_before
-            if not acknowledges:
+            if waiter.skipped:
+                need += 1  # its own lease record too (Broker.recover_leases)
+            elif not acknowledges:
                 need = self._delivery_need(cmd, everything_before, self.core.readied)
             conn.deliver(req, cmd, need)
             return

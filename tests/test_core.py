@@ -1242,6 +1242,7 @@ def test_after_a_crash_a_ready_command_skips_the_delivery_number_that_may_be_los
     w = Waiter("w", 9, None)
     got = [fresh.next("r", w, 5.0, False) for _ in range(2)]
     assert [(g.id, g.delivery) for g in got if g] == [(a, 2), (b, 2)]
+    assert w.skipped  # its reply waits for its own lease record (server.py)
     with pytest.raises(BrokerError) as err:
         fresh.complete(a, True, None, 1, 5.0)
     assert err.value.code is ErrorCode.STALE_DELIVERY
