@@ -707,6 +707,19 @@ class Broker:
             self._end_lease(cmd, now)
         self._dispatch(now)
 
+    def owes_skips(self) -> bool:
+        """Whether a command still has a delivery number to skip (`recover_leases`): a
+        snapshot taken now must not say that every lease is on record, since a lease lost
+        before the crash that flagged it is not. One pass over the commands (clean stop)."""
+        return any(cmd.skip_delivery for cmd in self.commands.values())
+
+    def end_lease(self, command_id: str, now: float) -> None:
+        """End the lease of `command_id` as a lost one (see `_end_lease`)."""
+        cmd = self.commands[command_id]
+        if cmd.state is LEASED:
+            self._end_lease(cmd, now)
+            self._dispatch(now)
+
     def recover_leases(self, now: float, crashed: bool = True) -> None:
         """After a restart no lease is held: every leased command is ready again in its
         original place, its delivery count kept; one that has used up max_deliveries

@@ -127,7 +127,7 @@ def _recover(
     # Leases do not survive a restart: those commands are ready again in their places.
     # Only a clean stop's snapshot with nothing after it says every lease is on record.
     broker.recover_leases(now, crashed=not (broker.stopped_cleanly and count == 0))
-    released = len(broker.outbox)
+    released = sum(not isinstance(rec, records.BrokerStarted) for rec in broker.outbox)
     report = RecoveryReport(snapshot_lsn, loaded - started, count, replayed - loaded, released)
     return broker, report
 
@@ -242,12 +242,13 @@ class Snapshotter:
 
     async def take_inline(self, broker: Broker, lsn: int) -> None:
         """At clean shutdown, once every record is logged: serialise in this process
-        (nothing left to stall), marked clean (see `Broker.recover_leases`)."""
+        (nothing left to stall), marked clean (see `Broker.recover_leases`) unless a skip
+        owed since a crash is still pending."""
         if self.running is not None:
             await asyncio.wait([self.running])
         if lsn < self.last_lsn:
             return
-        body = state.dump_packed(broker, clean=True)
+        body = state.dump_packed(broker, clean=not broker.owes_skips())
         await self.wal.write_snapshot(lsn, body)
         self.last_lsn = lsn
         self.taken += 1

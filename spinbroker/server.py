@@ -956,7 +956,11 @@ class Server:
         with `next`), so it waits for that change's record too."""
         if conn.undelivered:
             again = conn.take_undelivered(resource)
-            if again is not None:  # its reply failed with the log: deliver it again
+            if again is not None and again.package.cancel_requested:
+                # Cancelled since: its agent never got it, so it ends as CANCEL promises
+                # for what was not delivered (LeaseCancelled), and this NEXT goes on.
+                self.core.end_lease(again.id, self.clock())
+            elif again is not None:  # its reply failed with the log: deliver it again
                 conn.deliver(req, again, None)
                 return
         blocked = Blocked(conn, req)

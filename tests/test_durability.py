@@ -747,6 +747,50 @@ async def test_a_delivery_that_skipped_a_number_is_on_record_before_it_is_seen(
     assert again.delivery not in seen and again.delivery not in (0, 1)
 
 
+async def test_a_clean_stop_after_a_crash_keeps_the_skip_it_owes(brokers: Brokers) -> None:
+    """Audit h7: a clean stop logs its own leases, not one lost in the crash before it.
+    Its snapshot said "clean" all the same, and the next start gave delivery 1 again. A
+    clean stop with a skip still owed now writes a snapshot that is not marked clean."""
+    fs = MemoryFiles()
+    server = await brokers.start(brokers.config(), files=fs)
+    _, (command,) = await (await brokers.client(server)).submit(one())
+    cut = CutAtNextWrite(fs)
+    got = await (await brokers.client(server)).next("r", timeout=0)
+    assert got is not None and got.delivery == 1  # its lease record is lost below
+    server = await restart_after_the_cut(brokers, server, cut)
+    assert server.recovery is not None and server.recovery.leases_released == 0
+    server, _ = await reboot(brokers, server, await cut.done(), "clean")  # nobody took it
+    c = await brokers.client(server)
+    again = await c.next("r", timeout=0)
+    assert again is not None and (again.id, again.delivery) == (command, 2)
+    with pytest.raises(StaleDelivery):
+        await c.complete(command, True, delivery=1)
+    assert server.recovery is not None and server.recovery.leases_released == 0
+
+
+async def test_a_failed_delivery_of_a_package_cancelled_since_is_not_handed_out(
+    brokers: Brokers,
+) -> None:
+    """Audit h7: the connection's next NEXT got a command whose reply had failed with the
+    disk even though its package was cancelled meanwhile. Its agent never had it, so it is
+    cancelled, as CANCEL promises for what was not delivered."""
+    fs = MemoryFiles()
+    server = await brokers.start(brokers.config(), files=fs)
+    producer = await brokers.client(server)
+    agent = await brokers.client(server)
+    take = asyncio.ensure_future(agent.next("q", timeout=30))
+    await asyncio.sleep(0)  # let the NEXT task send its request
+    await agent.ping()  # the NEXT is parked
+    fs.fail("datasync", errno.EIO, times=1)
+    assert await refused(producer.submit(one("q")))
+    assert await refused(take)
+    await accepted_again(producer)
+    [package] = {c.package.id for c in server.core.commands.values() if c.queue.name == "q"}
+    await producer.cancel(package)
+    assert await agent.next("q", timeout=0) is None
+    assert (await package_status(producer, package)).state == "cancelled"
+
+
 async def build_state(c: Client, agent: Client) -> dict[str, str]:
     """A little of everything: finished, failed with a cascade, cancelled, open, pending,
     leased. Returns name -> id."""
