@@ -44,6 +44,7 @@ SMOKE = {
     "big": 5_000,
     "max_s": 5.0,
     "drain_s": 0.25,
+    "idle_settle_s": 0.0,
     "idle_n": 50,
 }
 
