@@ -603,13 +603,10 @@ async def test_reads_still_answer_while_the_disk_fails(brokers: Brokers) -> None
     assert await refused(c.new())  # answering reads unblocked no change
 
 
-async def test_a_delivery_whose_reply_failed_with_the_disk_is_delivered_again(
-    brokers: Brokers,
-) -> None:
-    """Audit h4: a parked NEXT served by a SUBMIT whose flush failed was answered
-    storage_failed, yet its lease was made (its record waits in the log) and stayed: the
-    command was leased to an agent that had been told it got nothing, and no NEXT got it
-    again. Now the connection's next NEXT on that resource gets that same delivery."""
+async def delivery_failed_with_the_disk(brokers: Brokers) -> tuple[Server, Client, Client]:
+    """A broker whose agent's parked NEXT on "q" was served by a SUBMIT whose flush failed:
+    both answered storage_failed, the lease made all the same; the log works again after.
+    Returns the server, the producer and the agent."""
     fs = MemoryFiles()
     server = await brokers.start(brokers.config(), files=fs)
     producer = await brokers.client(server)
@@ -622,6 +619,17 @@ async def test_a_delivery_whose_reply_failed_with_the_disk_is_delivered_again(
     assert await refused(take)
     assert await refused(agent.next("q", timeout=0))  # while the log fails
     await accepted_again(producer)
+    return server, producer, agent
+
+
+async def test_a_delivery_whose_reply_failed_with_the_disk_is_delivered_again(
+    brokers: Brokers,
+) -> None:
+    """Audit h4: a parked NEXT served by a SUBMIT whose flush failed was answered
+    storage_failed, yet its lease was made (its record waits in the log) and stayed: the
+    command was leased to an agent that had been told it got nothing, and no NEXT got it
+    again. Now the connection's next NEXT on that resource gets that same delivery."""
+    server, _, agent = await delivery_failed_with_the_disk(brokers)
     other = await brokers.client(server)
     assert await other.next("q", timeout=0) is None  # still leased: to the first agent
     assert await agent.next("r", timeout=0) is not None  # another resource: not it
@@ -774,17 +782,7 @@ async def test_a_failed_delivery_of_a_package_cancelled_since_is_not_handed_out(
     """Audit h7: the connection's next NEXT got a command whose reply had failed with the
     disk even though its package was cancelled meanwhile. Its agent never had it, so it is
     cancelled, as CANCEL promises for what was not delivered."""
-    fs = MemoryFiles()
-    server = await brokers.start(brokers.config(), files=fs)
-    producer = await brokers.client(server)
-    agent = await brokers.client(server)
-    take = asyncio.ensure_future(agent.next("q", timeout=30))
-    await asyncio.sleep(0)  # let the NEXT task send its request
-    await agent.ping()  # the NEXT is parked
-    fs.fail("datasync", errno.EIO, times=1)
-    assert await refused(producer.submit(one("q")))
-    assert await refused(take)
-    await accepted_again(producer)
+    server, producer, agent = await delivery_failed_with_the_disk(brokers)
     [package] = {c.package.id for c in server.core.commands.values() if c.queue.name == "q"}
     await producer.cancel(package)
     assert await agent.next("q", timeout=0) is None
