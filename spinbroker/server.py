@@ -611,7 +611,7 @@ class Server:
             for waiter, cmd in deliveries:
                 # Both logged by now: the batch's records are appended above.
                 before = base + waiter.lease_record
-                need = before + 1 if waiter.skipped else self._delivery_need(cmd, before, ())
+                need = self._delivery_need(waiter, cmd, before, ())
                 self._deliver(waiter, cmd, need)
         if core.finished:
             finished, core.finished = core.finished, []
@@ -770,11 +770,18 @@ class Server:
         self._maybe_snapshot()  # records made while it ran wait for the interval
 
     def _delivery_need(
-        self, cmd: Command, everything_before: int, unlogged: Collection[Command]
+        self,
+        waiter: Waiter,
+        cmd: Command,
+        everything_before: int,
+        unlogged: Collection[Command],
     ) -> int:
-        """The LSN a reply delivering `cmd` waits for (see `_deliver`): what made it ready,
-        for a first delivery whose readiness is logged; else `everything_before`, the LSN
-        of the last record before its lease. Both cover what the reply reveals."""
+        """The LSN a reply delivering `cmd` to `waiter` waits for (see `_deliver`): what made
+        it ready, for a first delivery whose readiness is logged; else `everything_before`,
+        the LSN of the last record before its lease. Both cover what the reply reveals. A
+        lease that skipped a number waits for its own record too (Broker.recover_leases)."""
+        if waiter.skipped:
+            return everything_before + 1
         if cmd.delivery != 1:
             return everything_before
         ready = self.ready_lsns.need(cmd, unlogged)
@@ -971,11 +978,9 @@ class Server:
         cmd = self.core.next(resource, waiter, self.clock(), block)
         if cmd is not None:
             everything_before = self.appended_lsn + len(self.core.outbox) - 1
-            need = everything_before
-            if waiter.skipped:
-                need += 1  # its own lease record too (Broker.recover_leases)
-            elif not acknowledges:
-                need = self._delivery_need(cmd, everything_before, self.core.readied)
+            need = self._delivery_need(waiter, cmd, everything_before, self.core.readied)
+            if acknowledges:  # and the completion before the lease
+                need = max(need, everything_before)
             conn.deliver(req, cmd, need)
             return
         if not block:
