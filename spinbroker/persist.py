@@ -75,7 +75,9 @@ def recover(
     """Rebuild the broker from `wal` (freshly opened, nothing appended yet); `now` is the
     server's clock, for the records recovery itself makes (released leases). Raises
     `WalCorruption` when the log cannot be read past some point, and ValueError when a
-    body does not decode as a snapshot or a record."""
+    body does not decode as a snapshot or a record (one of a newer version included: a
+    snapshot format or a record tag this version does not know). Neither touches a file:
+    what this version cannot read stays as it is, for the version that wrote it."""
     # Recovery builds millions of objects that all stay alive: a cyclic collection run in
     # the middle would only walk them again and again. So: collect what garbage there is
     # now, while the heap is small; build with the collector off; then move everything
@@ -154,7 +156,11 @@ def _replay(
         if len(wire) == 7 and wire[0] == one:  # the commonest record, applied unbuilt
             submitted_one(wire[1], wire[2], wire[3], wire[4], wire[5], wire[6])
         else:
-            apply(from_wire(wire))
+            try:
+                rec = from_wire(wire)
+            except ValueError as exc:  # named by its LSN, for `spinbroker wal inspect`
+                raise ValueError(f"record at LSN {lsn}: {exc}") from exc
+            apply(rec)
         if not lsn & 0x3FFF and clock() >= report_at:
             report_at = clock() + PROGRESS_EVERY
             done = lsn - snapshot_lsn

@@ -290,4 +290,7 @@ def from_wire(w: list[Any]) -> Record:
             return decode(w)
     except (IndexError, KeyError, TypeError) as exc:
         raise ValueError(f"malformed record {w!r}: {exc}") from exc
-    raise ValueError(f"unknown record tag {w[0]!r}")
+    raise ValueError(
+        f"unknown record tag {w[0]!r}: a record type this spinbroker does not know "
+        "(was it written by a newer version?)"
+    )

@@ -84,7 +84,8 @@ def load(
 ) -> Broker:
     """The broker `dump` described, from the dumped value (after its msgpack round trip)."""
     fmt, next_order, schemas, packages, *rest = data
-    broker = _start(fmt, len(data), next_order, schemas, limits, schema_check)
+    _check_format(fmt, len(data))
+    broker = _start(next_order, schemas, limits, schema_check)
     _finish(broker, _build(broker, packages))
     broker.stopped_cleanly = bool(rest and rest[0] is True)
     return broker
@@ -106,7 +107,8 @@ def load_packed(
     and built in turn, so the whole image never exists as Python objects. At a million
     commands that image is ~1 GB of lists and strings, allocated (page faults), read once
     and freed; decoding package by package reuses the same few pages instead. Raises
-    ValueError if `body` (from `name`) is not exactly one dumped state."""
+    ValueError if `body` (from `name`) is not exactly one dumped state, UnknownFormat (a
+    ValueError) if it is one of a format this version does not read."""
     # A package is at most the whole body: that bound lets any one of them into the buffer.
     unpacker = msgpack.Unpacker(
         _Reader(memoryview(body)),
@@ -118,10 +120,12 @@ def load_packed(
     )
     try:
         items = unpacker.read_array_header()
-        if items not in _FORMATS.values():
-            raise ValueError(f"a list of {items}, not of 4 or 5")
-        fmt, next_order, schemas = unpacker.unpack(), unpacker.unpack(), unpacker.unpack()
-        broker = _start(fmt, items, next_order, schemas, limits, schema_check)
+        if not items:
+            raise ValueError("an empty list")
+        # The format before the length: a newer format may hold more items.
+        _check_format(unpacker.unpack(), items)
+        next_order, schemas = unpacker.unpack(), unpacker.unpack()
+        broker = _start(next_order, schemas, limits, schema_check)
         count = unpacker.read_array_header()
         unpack = unpacker.unpack
         waiting = _build(broker, (unpack() for _ in range(count)))
@@ -129,6 +133,8 @@ def load_packed(
             broker.stopped_cleanly = unpack() is True
         if unpacker.tell() != len(body):
             raise ValueError(f"{len(body) - unpacker.tell()} bytes after the state")
+    except UnknownFormat as exc:
+        raise UnknownFormat(f"{name}: {exc}") from exc
     except (msgpack.UnpackException, ValueError, TypeError, IndexError) as exc:
         raise ValueError(f"{name} does not hold a broker state: {exc}") from exc
     _finish(broker, waiting)
@@ -155,16 +161,29 @@ class _Reader:
         return chunk
 
 
-def _start(
-    fmt: Any,
-    items: int,
-    next_order: Any,
-    schemas: Any,
-    limits: Limits | None,
-    schema_check: SchemaCheck | None,
-) -> Broker:
-    if _FORMATS.get(fmt) != items:
+class UnknownFormat(ValueError):
+    """A snapshot of a format this version does not know: most likely a newer spinbroker's.
+    Recovery must stop on it, not fall back to anything older (the log may hold records of
+    that newer version too)."""
+
+
+def _check_format(fmt: Any, items: int) -> None:
+    """Refuse a dumped state this version cannot read: a format it does not know, or one
+    whose length does not fit its format."""
+    expected = _FORMATS.get(fmt) if type(fmt) is int else None
+    if expected is None:
+        known = " and ".join(map(str, _FORMATS))
+        raise UnknownFormat(
+            f"snapshot format {fmt!r} is unknown to this spinbroker (it reads formats "
+            f"{known}): was it written by a newer version?"
+        )
+    if expected != items:
         raise ValueError(f"snapshot format {fmt!r} in a list of {items} is not one this reads")
+
+
+def _start(
+    next_order: Any, schemas: Any, limits: Limits | None, schema_check: SchemaCheck | None
+) -> Broker:
     broker = Broker(limits, schema_check)
     broker.next_order = next_order
     broker.schemas = dict(schemas)

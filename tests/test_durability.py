@@ -21,6 +21,7 @@ import errno
 import gc
 import io
 import random
+import re
 import shutil
 import socket
 import struct
@@ -49,10 +50,11 @@ from spinbroker.client import (
 from spinbroker.config import Limits, ServerConfig
 from spinbroker.server import Server
 from spinbroker.state import load as load_state
+from spinbroker.wal import Wal
 from spinbroker.wal.files import FileLayer, OsFiles
 from spinbroker.wal.inspect import inspect
 from spinbroker.wal.memfiles import MemoryFiles
-from spinbroker.wal.snapshot import list_snapshots, read_snapshot
+from spinbroker.wal.snapshot import encode_snapshot, list_snapshots, read_snapshot
 
 #: The deadline of every test here: no wait can hang the suite (blocking requests also
 #: carry their own timeouts).
@@ -1082,6 +1084,64 @@ async def test_a_restart_dates_its_own_records_on_the_servers_clock(brokers: Bro
     c = await brokers.client(server)
     with pytest.raises(NotFound):
         await c.status(package)
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    """Every file of a data dir but its lock: name -> bytes."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != "lock"}
+
+
+async def stopped_twice(brokers: Brokers) -> ServerConfig:
+    """A data dir on real files that two clean stops left (two snapshots, a log between
+    them), holding a pending package."""
+    config = brokers.config()
+    for n in range(2):
+        server = await brokers.start(config)
+        await (await brokers.client(server)).submit(one(n=n))
+        await brokers.close_clients()
+        await server.stop()
+    assert len(list_snapshots(OsFiles(), config.data_dir)) == 2
+    return config
+
+
+async def test_a_snapshot_of_a_newer_format_is_refused_and_kept_as_it_is(
+    brokers: Brokers,
+) -> None:
+    """A data dir a newer broker wrote: its newest snapshot has a format this version does
+    not know (here with one item more). The start is refused, naming the file and the
+    format, without falling back to the older snapshot, and every file stays as it was for
+    the version that wrote it (once the message said only "a list of 6, not of 4 or 5")."""
+    config = await stopped_twice(brokers)
+    lsn, path = list_snapshots(OsFiles(), config.data_dir)[-1]
+    body = read_snapshot(OsFiles(), lsn, path).body
+    dumped = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    newer = [99, *dumped[1:], {"what": "a newer broker keeps here"}]
+    path.write_bytes(encode_snapshot(lsn, msgpack.packb(newer, use_bin_type=True)))
+    before = files_of(config.data_dir)
+    refused = re.escape(f"{path}: snapshot format 99 is unknown to this spinbroker")
+    with pytest.raises(ValueError, match=refused):
+        await brokers.start(config)
+    assert files_of(config.data_dir) == before
+
+
+async def test_a_record_of_a_newer_type_is_refused_and_kept_as_it_is(brokers: Brokers) -> None:
+    """A data dir a newer broker wrote: its log holds a record type this version does not
+    know, sound frames around it. The start is refused, naming the record's LSN and tag;
+    nothing is cut, every file stays as it was (once the message did not say which record,
+    so `spinbroker wal inspect` could not find it)."""
+    config = await stopped_twice(brokers)
+    wal, _ = Wal.open(config.data_dir, segment_size=config.segment_size)
+    _, replay = wal.load()
+    assert not list(replay)
+    newer = wal.append(msgpack.packb(["frobnicated", "p", 2000.0]))
+    wal.append(msgpack.packb(["started", 2001.0]))  # a record this version knows, after it
+    await wal.commit()
+    await wal.close()
+    before = files_of(config.data_dir)
+    refused = re.escape(f"record at LSN {newer}: unknown record tag 'frobnicated'")
+    with pytest.raises(ValueError, match=refused):
+        await brokers.start(config)
+    assert files_of(config.data_dir) == before
 
 
 async def test_an_error_reply_is_never_a_durable_change(brokers: Brokers) -> None:
