@@ -968,6 +968,10 @@ class Server:
                 # for what was not delivered (LeaseCancelled), and this NEXT goes on.
                 self.core.end_lease(again.id, self.clock())
             elif again is not None:  # its reply failed with the log: deliver it again
+                # Given now, to this NEXT: a ttr lease restarts with this NEXT's ttr (or the
+                # one in force), as TOUCH does and with its record; a connection lease
+                # stays one. The reply waits for that record too (need None: everything).
+                self.core.touch(again.id, ttr, again.delivery, self.clock())
                 conn.deliver(req, again, None)
                 return
         blocked = Blocked(conn, req)

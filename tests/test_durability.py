@@ -48,6 +48,8 @@ from spinbroker.client import (
     UnknownDependency,
 )
 from spinbroker.config import Limits, ServerConfig
+from spinbroker.core import Broker
+from spinbroker.records import from_wire
 from spinbroker.server import Server
 from spinbroker.state import load as load_state
 from spinbroker.wal import Wal
@@ -605,15 +607,17 @@ async def test_reads_still_answer_while_the_disk_fails(brokers: Brokers) -> None
     assert await refused(c.new())  # answering reads unblocked no change
 
 
-async def delivery_failed_with_the_disk(brokers: Brokers) -> tuple[Server, Client, Client]:
-    """A broker whose agent's parked NEXT on "q" was served by a SUBMIT whose flush failed:
-    both answered storage_failed, the lease made all the same; the log works again after.
-    Returns the server, the producer and the agent."""
+async def delivery_failed_with_the_disk(
+    brokers: Brokers, ttr: float | None = None, clock: Callable[[], float] = time.time
+) -> tuple[Server, Client, Client]:
+    """A broker whose agent's parked NEXT on "q" (with `ttr`) was served by a SUBMIT whose
+    flush failed: both answered storage_failed, the lease made all the same; the log works
+    again after. Returns the server, the producer and the agent."""
     fs = MemoryFiles()
-    server = await brokers.start(brokers.config(), files=fs)
+    server = await brokers.start(brokers.config(), files=fs, clock=clock)
     producer = await brokers.client(server)
     agent = await brokers.client(server)
-    take = asyncio.ensure_future(agent.next("q", timeout=30))
+    take = asyncio.ensure_future(agent.next("q", timeout=30, ttr=ttr))
     await asyncio.sleep(0)  # let the NEXT task send its request
     await agent.ping()  # answered after the NEXT was read: the NEXT is parked
     fs.fail("datasync", errno.EIO, times=1)
@@ -639,6 +643,42 @@ async def test_a_delivery_whose_reply_failed_with_the_disk_is_delivered_again(
     assert again is not None and again.delivery == 1
     assert await agent.complete(again.id, True, delivery=1) == "succeeded"
     assert await agent.next("q", timeout=0) is None
+
+
+@pytest.mark.parametrize(
+    ("first_ttr", "next_ttr", "ttr", "deadline"),
+    [(5, 60, 60, 1064.0), (5, None, 5, 1009.0), (None, 60, None, None)],
+    ids=["ttr lease, new ttr", "ttr lease, no ttr", "connection lease, ttr"],
+)
+async def test_a_delivery_given_again_restarts_its_lease_as_touch_would(
+    brokers: Brokers,
+    first_ttr: float | None,
+    next_ttr: float | None,
+    ttr: float | None,
+    deadline: float | None,
+) -> None:
+    """A delivery given again after its reply failed with the disk is given now, to the new
+    NEXT: a ttr lease's clock restarts with that NEXT's ttr (or the one in force), as TOUCH
+    would, with TOUCH's record, so the log alone rebuilds it. A connection lease stays one
+    (the reply's ttr says so). Once the old lease's deadline stayed, maybe nearly spent
+    while the agent was told nothing, and the reply showed the old ttr, not the new
+    NEXT's."""
+    now = [1000.0]
+    server, _, agent = await delivery_failed_with_the_disk(brokers, first_ttr, lambda: now[0])
+    now[0] = 1004.0
+    again = await agent.next("q", timeout=0, ttr=next_ttr)
+    assert again is not None and (again.delivery, again.ttr) == (1, ttr)
+    assert server.core.commands[again.id].lease_deadline == deadline
+    assert isinstance(server.files, MemoryFiles)
+    disk = await brokers.power_loss(server, server.files)  # the reply left: all is durable
+    wal, _ = Wal.open(server.config.data_dir, files=disk, segment_size=server.config.segment_size)
+    _, bodies = wal.load()
+    replayed = Broker(server.config.limits)
+    for _, body in bodies:
+        replayed.apply(from_wire(msgpack.unpackb(body, raw=False, strict_map_key=False)))
+    await wal.close()
+    leased = replayed.commands[again.id]
+    assert (leased.state.value, leased.ttr, leased.lease_deadline) == ("leased", ttr, deadline)
 
 
 # --------------------------------------------------------------------------- restarts
