@@ -16,7 +16,6 @@ never raise on bad input either: whatever a client sends becomes a `BadInput` ev
 from __future__ import annotations
 
 import enum
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,7 +190,7 @@ class ServerCodec:
         # take yet wait in `_pending` (zero-copy views) until values are drained. It is
         # borrowed from UNPACKERS while bytes are buffered (None between requests).
         self._unpacker: Any = None
-        self._pending: deque[memoryview] = deque()
+        self._pending: list[memoryview] = []  # not a deque: that costs 760 bytes per connection
         # Offsets in the borrowed Unpacker's stream (its tell()): bytes fed to it so far,
         # and where the first unfinished value starts.
         self._fed = 0
@@ -260,7 +259,7 @@ class ServerCodec:
                 return
             chunk = pending[0]
             if len(chunk) <= room:
-                pending.popleft()
+                del pending[0]
             else:
                 pending[0] = chunk[room:]
                 chunk = chunk[:room]

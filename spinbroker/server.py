@@ -112,11 +112,12 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.blocked: set[Blocked] = set()
         #: Requests read but not handled yet: behind a blocked text request, or past the
-        #: in-flight limit (`flush` carries on with them once replies went out).
-        self.backlog: deque[Request | BadInput] = deque()
+        #: in-flight limit (`flush` carries on with them once replies went out). None when
+        #: there are none: an empty deque costs 760 bytes, most of an idle connection.
+        self.backlog: deque[Request | BadInput] | None = None
         self._drain_scheduled = False
-        #: Replies waiting for the log position they need (see Held).
-        self.held: deque[Held] = deque()
+        #: Replies waiting for the log position they need (see Held), in that order.
+        self.held: list[Held] = []
         #: Leases whose delivering reply was failed (`fail_held`).
         self.undelivered: list[Lease] = []
         self.out: list[bytes] = []
@@ -142,7 +143,12 @@ class Connection(asyncio.Protocol):
             return
         server = self.server
         self.codec.receive_data(data)
-        self.backlog.extend(self.codec.next_events())
+        events = self.codec.next_events()
+        if events:
+            if self.backlog is None:
+                self.backlog = deque(events)
+            else:
+                self.backlog.extend(events)
         self._drain_backlog()
         server.after_batch()
 
@@ -171,11 +177,12 @@ class Connection(asyncio.Protocol):
         server = self.server
         text = self.codec.mode is Mode.TEXT
         limit = server.config.limits.max_inflight
-        while self.backlog and not self.closing:
+        backlog = self.backlog
+        while backlog and not self.closing:
             if text and self.blocked:
                 # A person may type ahead of a blocked NEXT, but nobody may queue unbounded
                 # lines behind it: stop reading past a limit (resumed once it answers).
-                if len(self.backlog) >= TEXT_BACKLOG_MAX:
+                if len(backlog) >= TEXT_BACKLOG_MAX:
                     self._pause_reading("backlog")
                 return
             if self.inflight >= limit:
@@ -183,7 +190,7 @@ class Connection(asyncio.Protocol):
                 return
             if "write-buffer" in self._read_paused_by:
                 return  # resume_writing carries on
-            event = self.backlog.popleft()
+            event = backlog.popleft()
             self.inflight += 1
             if isinstance(event, BadInput):
                 self.reply_error(event.id, event.verb, event.error)
@@ -193,6 +200,8 @@ class Connection(asyncio.Protocol):
             server.handle(self, event)
             if self.out_bytes >= OUT_FLUSH_BYTES:
                 self.flush()  # may pause writing: a client that does not read stops here
+        if self.backlog is backlog and not backlog:
+            self.backlog = None
 
     def reply(
         self,
@@ -268,10 +277,13 @@ class Connection(asyncio.Protocol):
 
     def release(self, durable_lsn: int) -> None:
         held = self.held
-        while held and held[0][0] <= durable_lsn:
-            data = held.popleft()[1]
+        ready = 0
+        while ready < len(held) and held[ready][0] <= durable_lsn:
+            data = held[ready][1]
             self.out.append(data)
             self.out_bytes += len(data)
+            ready += 1
+        del held[:ready]
         if not held:
             self.server.holding.discard(self)
 
@@ -281,13 +293,13 @@ class Connection(asyncio.Protocol):
         made all the same (its record waits in the log): the connection's next NEXT on its
         resource gets it again (`Server._take`), so that it is not left with nobody."""
         encode = self.codec.encode_error
-        while self.held:
-            _, _, req_id, verb, lease = self.held.popleft()
+        for _, _, req_id, verb, lease in self.held:
             data = encode(req_id, verb, err)
             self.out.append(data)
             self.out_bytes += len(data)
             if lease is not None:
                 self.undelivered.append(lease)
+        self.held.clear()
         self.server.holding.discard(self)
 
     def flush(self) -> None:
@@ -334,7 +346,7 @@ class Connection(asyncio.Protocol):
 
     def close_after_flush(self) -> None:
         self.closing = True
-        self.backlog.clear()
+        self.backlog = None
         self.server.dirty.add(self)
 
     def _pause_reading(self, why: str) -> None:
