@@ -45,7 +45,6 @@ from .ids import IdGenerator
 from .persist import RecoveryReport, Snapshotter
 from .readiness import ReadyLsns
 from .wal import FileLayer, Wal, WalCorruption, WalError, WalWriteError
-from .wal.recovery import PARENT_ONLY_FDS
 
 log = logging.getLogger("spinbroker.server")
 
@@ -496,7 +495,6 @@ class Server:
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
-            PARENT_ONLY_FDS.discard(self._lock_fd)
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -508,7 +506,7 @@ class Server:
             os.close(fd)
             raise RuntimeError(f"data dir {data_dir} is in use by another broker") from None
         self._lock_fd = fd
-        PARENT_ONLY_FDS.add(fd)  # forked helpers (log checks, snapshots) close it first
+        # Forked helpers (log checks, snapshots) close their copy first (detach_forked_child).
 
     async def _listen_unix(self, path: Path) -> None:
         _claim_socket_path(path)

@@ -204,15 +204,25 @@ async def damaged_logs(root: Path) -> list[Path]:
 
 
 class ChildSpy:
-    """Counts the children `scan_directory` starts."""
+    """Counts the children `scan_directory` starts, and those whose scans came back (a
+    child that fails is replaced by checking here, silently but for the time it costs)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.started = 0
+        self.answered = 0
         real = recovery._ChildCheck
 
         def spy(segments: list[tuple[int, Path, bytes]]) -> recovery._ChildCheck:
             check = real(segments)
             self.started += 1 if check._pid else 0
+            collect = check._collect
+
+            def counted() -> list[Any] | None:
+                answer = collect()
+                self.answered += answer is not None
+                return answer
+
+            check._collect = counted  # type: ignore[method-assign]
             return check
 
         monkeypatch.setattr(recovery, "_ChildCheck", spy)
@@ -235,7 +245,7 @@ async def test_a_child_checking_half_finds_what_checking_here_finds(
         assert all(s.data is not None for s in forked)
     assert recovery.first_problem(here) is not None  # the torn log
     if recovery._cores() > 1:
-        assert spy.started == 3
+        assert spy.started == spy.answered == 3
 
 
 async def test_no_fork_means_checking_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -405,28 +415,38 @@ def test_replay_of_the_nested_one_command_submit_of_older_logs() -> None:
     assert brokers[0].commands["c1"].state == brokers[1].commands["c1"].state
 
 
-def test_a_snapshot_child_does_not_hold_the_data_dir_lock(
+def test_a_snapshot_child_holds_none_of_the_parents_descriptors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A broker killed alone while its snapshot child runs must be restartable at once:
-    the child closes its copy of the lock's descriptor before anything else (a flock is
-    held while any copy of it is open)."""
+    """A forked snapshot writer closes every descriptor it inherited before anything else.
+    - The data dir lock: a broker killed alone while its snapshot child runs must be
+      restartable at once (a flock is held while any copy of its descriptor is open).
+    - A connection: one the broker closes must end for its client at once, not when the
+      child exits (the client would wait for the end of a QUIT or a refused request).
+    The child and the test talk through named pipes, which the child opens by name after
+    it has closed what it inherited."""
     import fcntl
+    import socket
 
     lock_path = tmp_path / "lock"
     lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    go_read, go_write = os.pipe()
-    ready_read, ready_write = os.pipe()
+    ours, theirs = socket.socketpair()  # the broker's end of a connection, its client's
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    os.mkfifo(ready)
+    os.mkfifo(go)
+    ready_read = os.open(ready, os.O_RDONLY | os.O_NONBLOCK)
+    go_write = os.open(go, os.O_RDWR)  # Linux: opens at once, with no reader yet
     dump = state.dump_packed
 
     def slow_dump(broker: Broker) -> bytes:  # runs in the child: wait for the test's word
-        os.write(ready_write, b"r")  # the child is past its start-up (fds closed)
-        select.select([go_read], [], [], 10.0)  # bounded, should the test fail first
+        with open(ready, "wb") as said:
+            said.write(b"r")  # the child is past its start-up (descriptors closed)
+        with open(go, "rb") as told:
+            told.read(1)
         return dump(broker)
 
     monkeypatch.setattr(persist.state, "dump_packed", slow_dump)
-    monkeypatch.setattr(recovery, "PARENT_ONLY_FDS", {lock_fd})  # as the server does
     pid = persist._fork_writer(Broker(LIMITS), tmp_path, 1)
     try:
         assert select.select([ready_read], [], [], 10.0)[0], "the child never started"
@@ -434,7 +454,13 @@ def test_a_snapshot_child_does_not_hold_the_data_dir_lock(
         again = os.open(lock_path, os.O_RDWR)
         fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the child holds it
         os.close(again)
+        ours.close()  # the broker closes the connection: its client sees the end
+        assert select.select([theirs], [], [], 10.0)[0], "the child holds the connection"
+        assert theirs.recv(1) == b""
     finally:
         os.write(go_write, b"x")
         _, status = os.waitpid(pid, 0)
+        for fd in (ready_read, go_write):
+            os.close(fd)
+        theirs.close()
     assert os.waitstatus_to_exitcode(status) == 0

@@ -24,6 +24,7 @@ import logging
 import os
 import pickle
 import signal
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -251,28 +252,28 @@ class _ChildCheck:
         return os.waitstatus_to_exitcode(status)
 
 
-#: Descriptors a forked helper child closes first (see `detach_forked_child`). The broker
-#: puts its data dir lock here: a flock is held while any copy of its descriptor is open,
-#: so a child would otherwise keep it past a parent killed alone (kill -9, the OOM
-#: killer), and a restart would be refused until the child ended. Process-wide, as
-#: descriptors are.
-PARENT_ONLY_FDS: set[int] = set()
-
-
-def detach_forked_child() -> None:
-    """First thing in a forked helper child (segment checks, snapshots): close
-    PARENT_ONLY_FDS; no cyclic collection, which would touch (and so copy) every page of
-    the parent's heap; and default SIGINT/SIGTERM with no wakeup fd, so that a signal meant
-    for the child cannot reach the parent's event loop through the wakeup fd the child
-    inherited."""
-    for fd in PARENT_ONLY_FDS:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    gc.disable()
+def detach_forked_child(keep: Collection[int] = ()) -> None:
+    """First thing in a forked helper child (segment checks, snapshots):
+    - default SIGINT/SIGTERM with no wakeup fd, so that a signal meant for the child
+      cannot reach the parent's event loop through the wakeup fd the child inherited;
+    - close every descriptor inherited from the parent but stdio and `keep`. A copy the
+      child held would outlive the parent's own close: of a connection the broker closes,
+      its client would see no end until the child exits; of a listener, a restarted broker
+      could not bind its address; of the data dir lock (a flock holds while any copy is
+      open), a broker killed alone (kill -9, the OOM killer) could not restart until the
+      child ended;
+    - no cyclic collection, which would touch (and so copy) every page of the parent's
+      heap."""
     with contextlib.suppress(ValueError):  # only the main thread may (re)set these
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL)
+    first = 3
+    for fd in sorted(keep):
+        os.closerange(first, fd)
+        first = max(first, fd + 1)
+    os.closerange(first, max(first, os.sysconf("SC_OPEN_MAX")))
+    gc.disable()
 
 
 def _child_main(segments: list[tuple[int, Path, bytes]], pipe: int) -> NoReturn:
@@ -280,7 +281,7 @@ def _child_main(segments: list[tuple[int, Path, bytes]], pipe: int) -> NoReturn:
     cleanup (atexit, buffered files, the event loop)."""
     code = 1
     try:
-        detach_forked_child()
+        detach_forked_child(keep=(pipe,))
         payload = pickle.dumps([check_segment(lsn, data) for lsn, _, data in segments])
         with os.fdopen(pipe, "wb") as out:
             out.write(payload)
