@@ -44,7 +44,7 @@ from .errors import BrokerError, ErrorCode
 from .ids import IdGenerator
 from .persist import RecoveryReport, Snapshotter
 from .readiness import ReadyLsns
-from .wal import FileLayer, Wal, WalCorruption, WalError, WalWriteError
+from .wal import FileLayer, Wal, WalCorruption, WalError, WalNewerVersion, WalWriteError
 
 log = logging.getLogger("spinbroker.server")
 
@@ -1160,6 +1160,14 @@ async def _serve(config: ServerConfig) -> int:
             "there, keeping a backup of everything it removes",
             exc,
             config.data_dir,
+            config.data_dir,
+        )
+        return 1
+    except WalNewerVersion as exc:
+        log.error(
+            "cannot start: %s\n  this is no damage but a newer spinbroker's data dir: %s is "
+            "left as it is, for that version to open",
+            exc,
             config.data_dir,
         )
         return 1

@@ -56,6 +56,7 @@ from spinbroker.wal import Wal
 from spinbroker.wal.files import FileLayer, OsFiles
 from spinbroker.wal.inspect import inspect
 from spinbroker.wal.memfiles import MemoryFiles
+from spinbroker.wal.segment import list_segments
 from spinbroker.wal.snapshot import encode_snapshot, list_snapshots, read_snapshot
 
 #: The deadline of every test here: no wait can hang the suite (blocking requests also
@@ -1181,6 +1182,24 @@ async def test_a_record_of_a_newer_type_is_refused_and_kept_as_it_is(brokers: Br
     refused = re.escape(f"record at LSN {newer}: unknown record tag 'frobnicated'")
     with pytest.raises(ValueError, match=refused):
         await brokers.start(config)
+    assert files_of(config.data_dir) == before
+
+
+async def test_a_segment_of_a_newer_version_is_refused_and_kept_as_it_is(
+    brokers: Brokers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A data dir a newer broker wrote: its newest log segment has the segment magic with a
+    higher version. `serve` exits 1 naming the segment as likely a newer spinbroker's,
+    without pointing at `spinbroker wal repair` (once it did: that repair cut the newer log),
+    and every file stays as it was."""
+    config = await stopped_twice(brokers)
+    _, path = list_segments(OsFiles(), config.data_dir)[-1]
+    path.write_bytes(b"SPBWAL\x00\x02" + path.read_bytes()[8:])
+    before = files_of(config.data_dir)
+    assert await server_module._serve(config) == 1
+    refused = f"{path}: segment format version 2 is unknown to this spinbroker"
+    assert refused in caplog.text and "likely written by a newer spinbroker" in caplog.text
+    assert "wal repair" not in caplog.text and "corrupt" not in caplog.text
     assert files_of(config.data_dir) == before
 
 

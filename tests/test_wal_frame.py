@@ -14,6 +14,7 @@ from spinbroker.wal.frame import (
     SEGMENT_HEADER_SIZE,
     BadSegmentHeader,
     Found,
+    NewerSegment,
     decode_record,
     decode_segment_header,
     encode_batch,
@@ -82,6 +83,19 @@ def test_segment_header() -> None:
     assert len(header) == SEGMENT_HEADER_SIZE
     assert decode_segment_header(header + b"rest") == 0x1234
     for damaged in (header[:10], b"X" + header[1:], header[:9] + b"\xff" + header[10:]):
+        with pytest.raises(BadSegmentHeader):
+            decode_segment_header(damaged)
+
+
+def test_a_segment_header_of_a_newer_version_is_no_damage() -> None:
+    """A header with the segment magic but a higher version is a newer spinbroker's, however
+    the rest of it reads (a newer layout need not be this one); a lower version or another
+    magic is damage (once a newer version was damage too, which repair would cut)."""
+    header = encode_segment_header(7)
+    for newer in (b"\x00\x02" + header[8:], b"\x01\x00" + header[8:], b"\x00\x02"):
+        with pytest.raises(NewerSegment, match=r"version .* likely written by a newer spinbroker"):
+            decode_segment_header(b"SPBWAL" + newer)
+    for damaged in (b"SPBWAL\x00\x00" + header[8:], b"SPBWAX\x00\x02" + header[8:]):
         with pytest.raises(BadSegmentHeader):
             decode_segment_header(damaged)
 

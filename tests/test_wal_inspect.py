@@ -11,6 +11,7 @@ import pytest
 from spinbroker.wal import Wal
 from spinbroker.wal.inspect import decode_msgpack, inspect, main
 from spinbroker.wal.segment import segment_name
+from spinbroker.wal.snapshot import snapshot_name
 
 
 async def make_log(directory: Path) -> None:
@@ -50,6 +51,33 @@ async def test_inspect_reports_corruption_and_torn_tails(tmp_path: Path) -> None
     out = io.StringIO()
     assert inspect(tmp_path, out) is True
     assert "torn tail" in out.getvalue() and "open will cut it" in out.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["segment"])
+async def test_inspect_and_repair_name_a_newer_versions_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """A segment or snapshot with its magic but a higher version: inspect calls it a newer
+    spinbroker's, not CORRUPT or INVALID (once it did, pointing at repair), and repair
+    refuses it, changing nothing."""
+    await make_log(tmp_path)
+    if kind == "segment":
+        path, magic = sorted(tmp_path.glob("wal-*.log"))[-1], b"SPBWAL\x00\x02"
+    else:
+        path, magic = tmp_path / snapshot_name(5), b"SPBSNAP\x02"
+    path.write_bytes(magic + path.read_bytes()[8:])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    assert main(["inspect", str(tmp_path), "--records"]) == 1
+    out = capsys.readouterr().out
+    assert f"{path.name}  " in out and "  NEWER VERSION: " in out
+    assert f"status: NEWER VERSION: {path.name}: {kind} " in out
+    assert "likely written by a newer spinbroker" in out
+    assert "CORRUPT" not in out and "INVALID" not in out and "; repair" not in out
+    assert main(["repair", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"refused, nothing changed: {path.name}: {kind} " in out
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_decode_falls_back_to_bytes() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from spinbroker.wal import Wal, WalCorruption
+from spinbroker.wal import Wal, WalCorruption, WalNewerVersion
 from spinbroker.wal.frame import SEGMENT_HEADER_SIZE, encode_batch
 from spinbroker.wal.reader import SECTOR
 from spinbroker.wal.repair import repair
@@ -133,6 +133,35 @@ async def test_flipped_bit_in_the_middle_is_refused_then_repaired(tmp_path: Path
 
     assert await read_log(tmp_path) == bodies[: first_lsn - 1 + 1]
     assert repair(tmp_path).changed is False
+
+
+async def test_a_segment_of_a_newer_version_is_refused_and_never_cut(tmp_path: Path) -> None:
+    """A segment with the segment magic but a higher version is a newer spinbroker's: open
+    refuses it as that, not as corruption, even with damage in an older segment before it
+    and what would be a torn tail after it, and changes nothing (a leftover temp file
+    included); nor does repair (once it was corruption, and repair cut the log there: all of
+    the newer version's records)."""
+    bodies = [b"%03d" % i * 30 for i in range(30)]
+    await write_log(tmp_path, bodies, segment_size=512, preallocate=False)
+    segments = sorted(p for p in tmp_path.iterdir() if p.suffix == ".log")
+    assert len(segments) >= 3
+    newest, older = segments[-1], segments[1]
+    newest.write_bytes(b"SPBWAL\x00\x02" + newest.read_bytes()[8:] + b"torn?")
+    data = bytearray(older.read_bytes())
+    data[SEGMENT_HEADER_SIZE + 30] ^= 0x04
+    older.write_bytes(data)
+    (tmp_path / (newest.name + ".tmp")).write_bytes(b"the next segment, half made")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    with pytest.raises(WalNewerVersion, match=r"version 2 .*likely written by a newer") as refused:
+        Wal.open(tmp_path)
+    assert refused.value.file == newest
+    report = repair(tmp_path)
+    assert not report.changed and report.refused is not None and report.remaining is not None
+    assert f"refused, nothing changed: {newest.name}: segment format version 2" in (
+        report.describe()
+    )
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 async def test_corruption_in_the_newest_segment_is_not_a_torn_tail(tmp_path: Path) -> None:

@@ -19,7 +19,13 @@ Only this package touches the data directory's log files; it must never import t
 the codec or the server.
 """
 
-from spinbroker.wal.errors import WalClosed, WalCorruption, WalError, WalWriteError
+from spinbroker.wal.errors import (
+    WalClosed,
+    WalCorruption,
+    WalError,
+    WalNewerVersion,
+    WalWriteError,
+)
 from spinbroker.wal.files import FileLayer, OsFiles
 from spinbroker.wal.log import Wal
 from spinbroker.wal.recovery import Recovery, TornTail
@@ -37,5 +43,6 @@ __all__ = [
     "WalClosed",
     "WalCorruption",
     "WalError",
+    "WalNewerVersion",
     "WalWriteError",
 ]

@@ -28,6 +28,18 @@ class WalCorruption(WalError):
         self.detail = detail
 
 
+class WalNewerVersion(WalError):
+    """A file of the log is of a format version newer than this spinbroker reads: most
+    likely a newer spinbroker wrote it. Not damage, so never cut, skipped or set aside:
+    `Wal.open` refuses such a segment before it changes anything, and `spinbroker wal
+    repair` leaves a log holding one as it is. The version that wrote it reads it."""
+
+    def __init__(self, file: Path, detail: str) -> None:
+        super().__init__(f"{file}: {detail}")
+        self.file = file
+        self.detail = detail
+
+
 class WalWriteError(WalError):
     """A write or sync failed (disk full, I/O error): the records are not known durable.
 

@@ -38,10 +38,14 @@ record of it was acknowledged before the whole frame was durable.
 
 Segment header, 24 bytes at offset 0 of every `wal-<first lsn>.log`:
 
-    0   8s   magic      b"SPBWAL\\x00\\x01" (format version 1)
+    0   8s   magic      b"SPBWAL" then the format version, a big-endian u16: 1
     8   u64  first_lsn  LSN of the first record the segment holds (or will hold)
     16  u32  crc        CRC32C of bytes 0..16
     20  u32  reserved   zero
+
+A later format keeps the magic's first 6 bytes and raises the version: a segment of a
+version above this one's is a newer spinbroker's (`NewerSegment`), never damage, whatever
+follows its magic.
 """
 
 from __future__ import annotations
@@ -69,7 +73,10 @@ _RECORD_HEADER = struct.Struct("<IQII")
 #: already checked needs.
 LENGTH_LSN = struct.Struct("<IQ")
 
-SEGMENT_MAGIC = b"SPBWAL\x00\x01"
+#: What every segment starts with, of whatever version; the format version follows.
+SEGMENT_MAGIC_PREFIX = b"SPBWAL"
+SEGMENT_VERSION = 1
+SEGMENT_MAGIC = SEGMENT_MAGIC_PREFIX + SEGMENT_VERSION.to_bytes(2, "big")
 SEGMENT_HEADER_SIZE = 24
 _SEGMENT = struct.Struct("<8sQ")
 _SEGMENT_TAIL = struct.Struct("<II")
@@ -247,13 +254,32 @@ class BadSegmentHeader(ValueError):
     """The first bytes of a segment file are not a valid segment header."""
 
 
+class NewerSegment(ValueError):
+    """A segment of a format version above SEGMENT_VERSION: not damage but, most likely, a
+    newer spinbroker's segment, which only that version may judge (let alone cut). Not a
+    BadSegmentHeader, so that no handler of damage takes it for some."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(
+            f"segment format version {version} is unknown to this spinbroker (it reads version "
+            f"{SEGMENT_VERSION}): likely written by a newer spinbroker"
+        )
+        self.version = version
+
+
 def encode_segment_header(first_lsn: int) -> bytes:
     head = _SEGMENT.pack(SEGMENT_MAGIC, first_lsn)
     return head + _SEGMENT_TAIL.pack(crc32c(head), 0)
 
 
 def decode_segment_header(data: bytes | memoryview) -> int:
-    """The first LSN a segment header names; raises BadSegmentHeader."""
+    """The first LSN a segment header names; raises NewerSegment for a newer format
+    version (whose header need not even be laid out as this one), else BadSegmentHeader."""
+    prefix = len(SEGMENT_MAGIC_PREFIX)
+    if len(data) >= len(SEGMENT_MAGIC) and bytes(data[:prefix]) == SEGMENT_MAGIC_PREFIX:
+        version = int.from_bytes(data[prefix : len(SEGMENT_MAGIC)], "big")
+        if version > SEGMENT_VERSION:
+            raise NewerSegment(version)
     if len(data) < SEGMENT_HEADER_SIZE:
         raise BadSegmentHeader(f"file is {len(data)} bytes, shorter than a segment header")
     head = bytes(data[: _SEGMENT.size])

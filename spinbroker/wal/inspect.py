@@ -17,10 +17,10 @@ import msgpack
 
 from spinbroker.wal.errors import WalCorruption
 from spinbroker.wal.files import FileLayer, OsFiles
-from spinbroker.wal.frame import BadSegmentHeader, decode_segment_header
+from spinbroker.wal.frame import BadSegmentHeader, NewerSegment, decode_segment_header
 from spinbroker.wal.reader import RecordError, iter_records
 from spinbroker.wal.recovery import ScannedSegment, first_problem, scan_directory
-from spinbroker.wal.repair import repair
+from spinbroker.wal.repair import newer_version, repair
 from spinbroker.wal.snapshot import BadSnapshot, choose_snapshot, list_snapshots, read_snapshot
 
 _MAX_REPR = 300
@@ -64,7 +64,9 @@ def _print_segment(segment: ScannedSegment, out: TextIO) -> None:
     span = f"lsn {scan.first_lsn}..{scan.next_lsn - 1}" if scan.records else "no records"
     line = f"  {segment.path.name}  {span} ({scan.records} records)  {scan.end}/{scan.size} bytes"
     damage = scan.damage
-    if damage is not None:
+    if damage is not None and damage.newer:
+        line += f"  NEWER VERSION: {damage.detail}"
+    elif damage is not None:
         kind = "possible torn write" if damage.torn else "CORRUPT"
         line += f"  {kind} at offset {damage.offset}: {damage.detail}"
     print(line, file=out)
@@ -78,7 +80,7 @@ def _print_records(
         decode_segment_header(data)
         for lsn, body in iter_records(data, segment.scan.first_lsn, segment.scan.end):
             print(f"    {lsn:>10}  {len(body):>7} B  {decode(body)}", file=out)
-    except (BadSegmentHeader, RecordError) as exc:
+    except (BadSegmentHeader, NewerSegment, RecordError) as exc:
         print(f"    (cannot read records: {exc})", file=out)
 
 
@@ -97,6 +99,9 @@ def _print_snapshots(files: FileLayer, directory: Path, out: TextIO) -> None:
 
 def _verdict(files: FileLayer, directory: Path, segments: list[ScannedSegment]) -> tuple[str, bool]:
     """A one-line status, and whether `Wal.open` plus `load` would succeed."""
+    newer = newer_version(files, directory, segments)
+    if newer is not None:
+        return f"NEWER VERSION: {newer}; not damage: open it with that spinbroker", False
     found = first_problem(segments)
     if found is not None and not found.torn:
         return f"CORRUPT: {found.file.name} offset {found.offset}: {found.detail}; repair", False

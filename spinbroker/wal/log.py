@@ -37,9 +37,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from spinbroker.wal.errors import WalCorruption, WalWriteError
+from spinbroker.wal.errors import WalCorruption, WalNewerVersion, WalWriteError
 from spinbroker.wal.files import FileLayer, OsFiles, ReadAhead, WalFile
-from spinbroker.wal.frame import SEGMENT_HEADER_SIZE, BadSegmentHeader, decode_segment_header
+from spinbroker.wal.frame import (
+    SEGMENT_HEADER_SIZE,
+    BadSegmentHeader,
+    NewerSegment,
+    decode_segment_header,
+)
 from spinbroker.wal.reader import RecordError, iter_checked, iter_records
 from spinbroker.wal.recovery import KEEP_CHECKED_BYTES, Recovery, recover
 from spinbroker.wal.segment import SegmentList, SegmentWriter, allocate, create_segment
@@ -98,7 +103,8 @@ class Wal:
         """Recover `directory` (created if missing) and open it for appending.
 
         Raises WalCorruption if a checksum fails anywhere but in a torn tail of the newest
-        segment, which is cut (kept aside, with a warning). Blocking: call it at startup.
+        segment, which is cut (kept aside, with a warning), and WalNewerVersion, before
+        cutting anything, if a segment is a newer spinbroker's. Blocking: call it at startup.
         Up to `keep_checked_bytes` of the checked segments stay in memory until `load`.
         """
         mode = FsyncMode(fsync)
@@ -188,6 +194,8 @@ class Wal:
                 raise WalCorruption(path, exc.offset, exc.detail) from exc
             except BadSegmentHeader as exc:
                 raise WalCorruption(path, 0, str(exc)) from exc
+            except NewerSegment as exc:
+                raise WalNewerVersion(path, str(exc)) from exc
 
     # -- the log --------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ How damage is classified (the decision the preallocated segments force):
 * Anything else (a checksum failure with no zero sector, a record with the wrong LSN, a
   batch table that does not describe its frame, a bad segment header) is corruption: a
   torn write cannot produce it. `torn=False`.
+* A segment header of a newer format version is no damage at all but a newer spinbroker's
+  segment (`newer=True`), which this version must neither cut nor set aside.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class Damage:
     #: Offset past the last sector of the file holding a non-zero byte: the bytes
     #: [offset, data_end) are what cutting here drops.
     data_end: int
+    #: Not damage: the segment is of a newer format version (see `frame.NewerSegment`).
+    newer: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,10 @@ Holds `scan_directory` (read-only: every segment checked, frame by frame, plus t
 continuity between segments), `first_problem` (the earliest spot that is not a good record),
 and `recover`, which `Wal.open` calls: it deletes leftover temp files, cuts a torn tail of the
 newest segment (keeping the cut bytes in `<segment>.torn-<offset>` and logging a warning with
-file, offset and bytes dropped), and raises `WalCorruption` for anything else. Must never
-write records, and never repair corruption silently: that is repair.py, run by a person.
+file, offset and bytes dropped), and raises `WalCorruption` for anything else. A segment of
+a newer format version is no damage: for it, `recover` raises `WalNewerVersion` before it
+changes anything. Must never write records, and never repair corruption silently: that is
+repair.py, run by a person.
 
 `recover` also hands back the bytes it checked (up to a memory budget), so that `Wal.load`
 replays from them without reading and checking every frame a second time; a segment beyond
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from spinbroker.wal.errors import WalCorruption
+from spinbroker.wal.errors import WalCorruption, WalNewerVersion
 from spinbroker.wal.files import (
     FileLayer,
     ReadAhead,
@@ -37,7 +39,7 @@ from spinbroker.wal.files import (
     truncate_durably,
     write_file_durably,
 )
-from spinbroker.wal.frame import BadSegmentHeader, decode_segment_header
+from spinbroker.wal.frame import BadSegmentHeader, NewerSegment, decode_segment_header
 from spinbroker.wal.reader import Damage, SegmentScan, scan_segment
 from spinbroker.wal.segment import TMP_SUFFIX, list_segments
 from spinbroker.wal.snapshot import list_snapshots
@@ -71,6 +73,8 @@ class Problem:
     torn: bool
     #: Offset past the written data of the file (what cutting at `offset` drops).
     data_end: int
+    #: Not damage: a segment of a newer format version (see `frame.NewerSegment`).
+    newer: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,9 @@ def check_segment(name_lsn: int, data: bytes) -> SegmentScan:
     runs it too (see `scan_directory`)."""
     try:
         first_lsn = decode_segment_header(data)
+    except NewerSegment as exc:
+        damage = Damage(0, str(exc), False, len(data), newer=True)
+        return SegmentScan(name_lsn, 0, 0, len(data), damage)
     except BadSegmentHeader as exc:
         return SegmentScan(name_lsn, 0, 0, len(data), Damage(0, str(exc), False, len(data)))
     if first_lsn != name_lsn:
@@ -291,7 +298,15 @@ def _child_main(segments: list[tuple[int, Path, bytes]], pipe: int) -> NoReturn:
 
 
 def first_problem(segments: list[ScannedSegment]) -> Problem | None:
-    """The earliest damage or LSN discontinuity; `torn` only for the newest segment."""
+    """The earliest damage or LSN discontinuity; `torn` only for the newest segment. Before
+    all of them, a segment of a newer format version (`newer`) wherever it is: a log
+    holding one is not this version's to judge."""
+    for index, segment in enumerate(segments):
+        damage = segment.scan.damage
+        if damage is not None and damage.newer:
+            return Problem(
+                index, segment.path, 0, damage.detail, False, damage.data_end, newer=True
+            )
     for index, segment in enumerate(segments):
         scan = segment.scan
         if index > 0:
@@ -313,12 +328,14 @@ def recover(
     returns the checked bytes of segments (path -> bytes, within `keep_bytes`): only the
     part before each segment's `end` in `Recovery.segments` is good."""
     files.makedirs(directory)
-    removed = _remove_temp_files(files, directory)
     snapshots = list_snapshots(files, directory)
     if reader is not None and snapshots:
         reader.ahead(snapshots[-1][1])
     segments = scan_directory(files, directory, keep_bytes, reader)
     problem = first_problem(segments)
+    if problem is not None and problem.newer:  # before changing anything, temp files too
+        raise WalNewerVersion(problem.file, problem.detail)
+    removed = _remove_temp_files(files, directory)
     torn = None
     if problem is not None:
         if not problem.torn:

@@ -7,7 +7,9 @@ truncates it at the damaged offset and moves the later segments into the backup 
 snapshot is then past the end of the cut log, it holds more state than the log: the log's
 remaining segments go aside instead, and the log restarts after the snapshot). Invalid
 snapshots are moved into the backup too. It returns what it did. Must never run implicitly:
-`Wal.open` refuses corruption, a person runs `spinbroker wal repair DATADIR`.
+`Wal.open` refuses corruption, a person runs `spinbroker wal repair DATADIR`. Must never
+touch a log holding a segment of a newer format version: that is no damage but a newer
+spinbroker's log, and cutting it would lose what that version wrote.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class RepairReport:
     #: LSNs [first, end) a cut took out of the log: records acknowledged once, and gone
     #: unless restored from the backup by hand (None if no cut dropped any).
     dropped: tuple[int, int] | None = None
+    #: Why nothing was even looked at for damage: the log is a newer spinbroker's (see
+    #: `newer_version`). `remaining` says the same.
+    refused: str | None = None
 
     @property
     def changed(self) -> bool:
@@ -49,6 +54,9 @@ class RepairReport:
 
     def describe(self) -> str:
         lines = [f"wal repair of {self.directory}"]
+        if self.refused is not None:
+            lines.append(f"  refused, nothing changed: {self.refused}")
+            return "\n".join(lines)
         if not self.changed:
             lines.append("  nothing to repair")
         for problem in self.problems:
@@ -76,6 +84,10 @@ def repair(directory: Path, files: FileLayer | None = None) -> RepairReport:
     """Make `directory` a log that opens and loads, keeping every changed file in a backup."""
     files = files if files is not None else OsFiles()
     report = RepairReport(directory)
+    report.refused = newer_version(files, directory, scan_directory(files, directory))
+    if report.refused is not None:
+        report.remaining = report.refused
+        return report
     _set_aside_bad_snapshots(files, directory, report)
     for _ in range(_MAX_ROUNDS):
         segments = scan_directory(files, directory)
@@ -88,6 +100,16 @@ def repair(directory: Path, files: FileLayer | None = None) -> RepairReport:
     _restart_after_snapshot(files, directory, scan_directory(files, directory), report)
     report.remaining = _check_loads(files, directory)
     return report
+
+
+def newer_version(files: FileLayer, directory: Path, segments: list[ScannedSegment]) -> str | None:
+    """Which file of `directory` (scanned into `segments`) a newer spinbroker wrote, and
+    why it is taken for one, if any does: a segment of a newer format version. Such a log
+    is not this version's to judge, let alone cut."""
+    problem = first_problem(segments)
+    if problem is not None and problem.newer:
+        return f"{problem.file.name}: {problem.detail}"
+    return None
 
 
 def _backup(files: FileLayer, directory: Path, report: RepairReport) -> Path:
