@@ -74,10 +74,11 @@ def recover(
 ) -> tuple[Broker, RecoveryReport]:
     """Rebuild the broker from `wal` (freshly opened, nothing appended yet); `now` is the
     server's clock, for the records recovery itself makes (released leases). Raises
-    `WalCorruption` when the log cannot be read past some point, and ValueError when a
-    body does not decode as a snapshot or a record (one of a newer version included: a
-    snapshot format or a record tag this version does not know). Neither touches a file:
-    what this version cannot read stays as it is, for the version that wrote it."""
+    `WalCorruption` when the log cannot be read past some point, `WalNewerVersion` when
+    the newest snapshot file is of a newer version, and ValueError when a body does not
+    decode as a snapshot or a record (one of a newer version included: a snapshot format or
+    a record tag this version does not know). None touches a file: what this version
+    cannot read stays as it is, for the version that wrote it."""
     # Recovery builds millions of objects that all stay alive: a cyclic collection run in
     # the middle would only walk them again and again. So: collect what garbage there is
     # now, while the heap is small; build with the collector off; then move everything

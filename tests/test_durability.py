@@ -52,7 +52,7 @@ from spinbroker.core import Broker
 from spinbroker.records import from_wire
 from spinbroker.server import Server
 from spinbroker.state import load as load_state
-from spinbroker.wal import Wal
+from spinbroker.wal import Wal, WalNewerVersion
 from spinbroker.wal.files import FileLayer, OsFiles
 from spinbroker.wal.inspect import inspect
 from spinbroker.wal.memfiles import MemoryFiles
@@ -1181,6 +1181,23 @@ async def test_a_record_of_a_newer_type_is_refused_and_kept_as_it_is(brokers: Br
     before = files_of(config.data_dir)
     refused = re.escape(f"record at LSN {newer}: unknown record tag 'frobnicated'")
     with pytest.raises(ValueError, match=refused):
+        await brokers.start(config)
+    assert files_of(config.data_dir) == before
+
+
+async def test_a_snapshot_file_of_a_newer_version_is_refused_and_kept_as_it_is(
+    brokers: Brokers,
+) -> None:
+    """A data dir a newer broker wrote: its newest snapshot file has the snapshot magic with
+    a higher version (the rest as this version wrote it). The start is refused, naming the
+    file as likely a newer spinbroker's, and every file stays as it was (once it was taken
+    for damage: skipped for the older snapshot and the log, then deleted by retention)."""
+    config = await stopped_twice(brokers)
+    _, path = list_snapshots(OsFiles(), config.data_dir)[-1]
+    path.write_bytes(b"SPBSNAP\x02" + path.read_bytes()[8:])
+    before = files_of(config.data_dir)
+    refused = re.escape(f"{path}: snapshot file version 2 is unknown to this spinbroker")
+    with pytest.raises(WalNewerVersion, match=f"{refused}.*likely written by a newer"):
         await brokers.start(config)
     assert files_of(config.data_dir) == before
 

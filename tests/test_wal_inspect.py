@@ -53,7 +53,7 @@ async def test_inspect_reports_corruption_and_torn_tails(tmp_path: Path) -> None
     assert "torn tail" in out.getvalue() and "open will cut it" in out.getvalue()
 
 
-@pytest.mark.parametrize("kind", ["segment"])
+@pytest.mark.parametrize("kind", ["segment", "snapshot"])
 async def test_inspect_and_repair_name_a_newer_versions_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
 ) -> None:

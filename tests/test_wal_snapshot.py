@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spinbroker.wal import Wal, WalCorruption
+from spinbroker.wal import Wal, WalCorruption, WalNewerVersion
 from spinbroker.wal.files import write_file_durably
 from spinbroker.wal.frame import frame_end
 from spinbroker.wal.memfiles import MemoryFiles
@@ -132,6 +132,42 @@ async def test_invalid_snapshot_without_fallback_is_refused() -> None:
     with pytest.raises(WalCorruption) as refused:
         wal.load()
     assert refused.value.file == path
+    await wal.close()
+
+
+async def test_a_snapshot_of_a_newer_version_is_neither_skipped_nor_repaired() -> None:
+    """The snapshot magic with a higher version is a newer spinbroker's snapshot: load
+    refuses it, though the previous snapshot and the log cover it, and repair leaves every
+    file as it is (once it was skipped as invalid, and repair moved it aside). Another
+    magic is damage, skipped as before."""
+    fs = MemoryFiles()
+    wal = open_wal(fs)
+    await fill(wal, 40)
+    await wal.write_snapshot(30, b"state at 30")
+    await fill(wal, 40)
+    await wal.write_snapshot(70, b"state at 70")
+    await wal.close()
+    newest = D / snapshot_name(70)
+    data = fs.read(newest)
+    fs.corrupt(newest, b"SPBSNAP\x02" + data[8:])
+    before = {name: fs.read(D / name) for name in fs.listdir(D)}
+
+    wal = open_wal(fs)
+    with pytest.raises(WalNewerVersion, match=r"version 2 .*likely written by a newer") as refused:
+        wal.load()
+    assert refused.value.file == newest
+    await wal.close()
+    report = repair(D, fs)
+    assert not report.changed and report.remaining is not None
+    assert f"refused, nothing changed: {newest.name}: snapshot file version 2" in (
+        report.describe()
+    )
+    assert {name: fs.read(D / name) for name in fs.listdir(D)} == before
+
+    fs.corrupt(newest, b"SPBSNAX\x01" + data[8:])
+    wal = open_wal(fs)
+    snapshot, _ = wal.load()
+    assert snapshot is not None and snapshot.lsn == 30
     await wal.close()
 
 

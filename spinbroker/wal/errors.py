@@ -29,10 +29,11 @@ class WalCorruption(WalError):
 
 
 class WalNewerVersion(WalError):
-    """A file of the log is of a format version newer than this spinbroker reads: most
-    likely a newer spinbroker wrote it. Not damage, so never cut, skipped or set aside:
-    `Wal.open` refuses such a segment before it changes anything, and `spinbroker wal
-    repair` leaves a log holding one as it is. The version that wrote it reads it."""
+    """A file of the log (a segment or a snapshot) is of a format version newer than this
+    spinbroker reads: most likely a newer spinbroker wrote it. Not damage, so never cut,
+    skipped or set aside: `Wal.open` refuses such a segment before it changes anything,
+    `Wal.load` such a snapshot, and `spinbroker wal repair` leaves a log holding either as
+    it is. The version that wrote it reads it."""
 
     def __init__(self, file: Path, detail: str) -> None:
         super().__init__(f"{file}: {detail}")

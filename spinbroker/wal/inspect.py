@@ -15,7 +15,7 @@ from typing import TextIO
 
 import msgpack
 
-from spinbroker.wal.errors import WalCorruption
+from spinbroker.wal.errors import WalCorruption, WalNewerVersion
 from spinbroker.wal.files import FileLayer, OsFiles
 from spinbroker.wal.frame import BadSegmentHeader, NewerSegment, decode_segment_header
 from spinbroker.wal.reader import RecordError, iter_records
@@ -93,6 +93,9 @@ def _print_snapshots(files: FileLayer, directory: Path, out: TextIO) -> None:
         except BadSnapshot as exc:
             where = f"INVALID at offset {exc.offset}: {exc.detail}"
             print(f"  {path.name}  lsn {lsn}  {where}", file=out)
+            continue
+        except WalNewerVersion as exc:
+            print(f"  {path.name}  lsn {lsn}  NEWER VERSION: {exc.detail}", file=out)
             continue
         print(f"  {path.name}  lsn {lsn}  {len(snapshot.body)} B body  ok", file=out)
 

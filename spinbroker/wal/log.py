@@ -148,7 +148,8 @@ class Wal:
         """The newest usable snapshot, and an iterator of (lsn, body) for every record after
         it, in order. Call once, after open and before the first append. Raises
         WalCorruption if no snapshot plus the log covers the state (and the iterator raises
-        it if a segment changed on disk since open)."""
+        it if a segment changed on disk since open), WalNewerVersion if the newest snapshot
+        is a newer spinbroker's."""
         if self._group.next_lsn != self._recovery.next_lsn:
             raise RuntimeError("Wal.load() must run before the first append")
         recovery = self._recovery

@@ -8,8 +8,8 @@ snapshot is then past the end of the cut log, it holds more state than the log: 
 remaining segments go aside instead, and the log restarts after the snapshot). Invalid
 snapshots are moved into the backup too. It returns what it did. Must never run implicitly:
 `Wal.open` refuses corruption, a person runs `spinbroker wal repair DATADIR`. Must never
-touch a log holding a segment of a newer format version: that is no damage but a newer
-spinbroker's log, and cutting it would lose what that version wrote.
+touch a log holding a segment or snapshot of a newer format version: that is no damage but
+a newer spinbroker's log, and cutting it would lose what that version wrote.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spinbroker.wal.errors import WalCorruption
+from spinbroker.wal.errors import WalCorruption, WalNewerVersion
 from spinbroker.wal.files import FileLayer, OsFiles, truncate_durably, write_file_durably
 from spinbroker.wal.reader import frames_after
 from spinbroker.wal.recovery import Problem, ScannedSegment, first_problem, scan_directory
@@ -104,11 +104,18 @@ def repair(directory: Path, files: FileLayer | None = None) -> RepairReport:
 
 def newer_version(files: FileLayer, directory: Path, segments: list[ScannedSegment]) -> str | None:
     """Which file of `directory` (scanned into `segments`) a newer spinbroker wrote, and
-    why it is taken for one, if any does: a segment of a newer format version. Such a log
-    is not this version's to judge, let alone cut."""
+    why it is taken for one, if any does: a segment or a snapshot of a newer format version.
+    Such a log is not this version's to judge, let alone cut."""
     problem = first_problem(segments)
     if problem is not None and problem.newer:
         return f"{problem.file.name}: {problem.detail}"
+    for lsn, path in list_snapshots(files, directory):
+        try:
+            read_snapshot(files, lsn, path)
+        except WalNewerVersion as exc:
+            return f"{path.name}: {exc.detail}"
+        except BadSnapshot:
+            continue
     return None
 
 

@@ -7,11 +7,15 @@ delete segments (the `Wal` decides what a new snapshot makes obsolete).
 
 Layout, little-endian, a 32-byte header then the body:
 
-    0   8s   magic      b"SPBSNAP\\x01"
+    0   8s   magic      b"SPBSNAP" then the format version, one byte: 1
     8   u64  lsn        the state includes every record up to and including this LSN
     16  u64  length     body length in bytes
     24  u32  body_crc   CRC32C of the body
     28  u32  head_crc   CRC32C of bytes 0..28
+
+A later format keeps the magic's first 7 bytes and raises the version: a snapshot of a
+version above this one's is a newer spinbroker's (`read_snapshot` raises WalNewerVersion),
+never an invalid snapshot to skip, whatever follows its magic.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 
 from crc32c import crc32c
 
-from spinbroker.wal.errors import WalCorruption
+from spinbroker.wal.errors import WalCorruption, WalNewerVersion
 from spinbroker.wal.files import FileLayer, rename_durably, write_file_durably
 
 log = logging.getLogger("spinbroker.wal")
@@ -36,7 +40,10 @@ log = logging.getLogger("spinbroker.wal")
 #: behind them, wait ~70 ms when the snapshot's ~230 MB were synced.
 SYNC_EVERY = 8 << 20
 
-MAGIC = b"SPBSNAP\x01"
+#: What every snapshot starts with, of whatever version; the format version follows.
+MAGIC_PREFIX = b"SPBSNAP"
+VERSION = 1
+MAGIC = MAGIC_PREFIX + bytes((VERSION,))
 _HEAD = struct.Struct("<8sQQI")
 _HEAD_CRC = struct.Struct("<I")
 HEADER_SIZE = _HEAD.size + _HEAD_CRC.size
@@ -60,6 +67,18 @@ class BadSnapshot(ValueError):
         self.detail = detail
 
 
+class NewerSnapshot(ValueError):
+    """A snapshot of a format version above VERSION: not damage but, most likely, a newer
+    spinbroker's. Not a BadSnapshot, so that it is never skipped as one."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(
+            f"snapshot file version {version} is unknown to this spinbroker (it reads version "
+            f"{VERSION}): likely written by a newer spinbroker"
+        )
+        self.version = version
+
+
 def snapshot_name(lsn: int) -> str:
     return f"snap-{lsn:016x}.snap"
 
@@ -75,7 +94,12 @@ def encode_snapshot(lsn: int, body: bytes) -> bytes:
 
 
 def decode_snapshot(data: bytes, expected_lsn: int) -> memoryview:
-    """The body of a snapshot file (a view into `data`); raises BadSnapshot."""
+    """The body of a snapshot file (a view into `data`); raises NewerSnapshot for a newer
+    format version (whose header need not even be laid out as this one), else BadSnapshot."""
+    if len(data) >= len(MAGIC) and data[: len(MAGIC_PREFIX)] == MAGIC_PREFIX:
+        version = data[len(MAGIC_PREFIX)]
+        if version > VERSION:
+            raise NewerSnapshot(version)
     if len(data) < HEADER_SIZE:
         raise BadSnapshot(0, f"file is {len(data)} bytes, shorter than a snapshot header")
     magic, lsn, length, body_crc = _HEAD.unpack_from(data)
@@ -109,9 +133,12 @@ def read_snapshot(
     files: FileLayer, lsn: int, path: Path, read: Callable[[Path], bytes] | None = None
 ) -> Snapshot:
     """Read (with `read` if given, else `files.read`) and verify one snapshot; raises
-    BadSnapshot."""
+    BadSnapshot, or WalNewerVersion for a newer spinbroker's."""
     data = read(path) if read is not None else files.read(path)
-    return Snapshot(lsn, decode_snapshot(data, lsn), path)
+    try:
+        return Snapshot(lsn, decode_snapshot(data, lsn), path)
+    except NewerSnapshot as exc:
+        raise WalNewerVersion(path, str(exc)) from exc
 
 
 def write_snapshot_file(files: FileLayer, directory: Path, lsn: int, body: bytes) -> Path:
@@ -153,6 +180,8 @@ def choose_snapshot(
     The log holds LSNs [log_first, log_next). An invalid newer snapshot is skipped with a
     warning only if the chosen older one (or the log from LSN 1) still reaches past it;
     otherwise recovery would silently lose state, so this raises WalCorruption naming it.
+    A newer spinbroker's snapshot (of a file version above this one's) is never skipped:
+    this raises WalNewerVersion.
     """
     skipped: list[tuple[int, Path, BadSnapshot]] = []
     chosen = None
