@@ -1188,8 +1188,8 @@ async def _serve(config: ServerConfig) -> int:
         return 1
     except WalNewerVersion as exc:
         log.error(
-            "cannot start: %s\n  this is no damage but a newer spinbroker's data dir: %s is "
-            "left as it is, for that version to open",
+            "cannot start: %s\n  this is no damage but a newer spinbroker's data dir: nothing "
+            "of %s was cut or set aside, for that version to open",
             exc,
             config.data_dir,
         )

@@ -1,5 +1,6 @@
 """Shared fixtures: a real broker server on a Unix socket and TCP, in the test's event loop,
-and small raw clients that speak the two wire modes byte for byte."""
+and small raw clients that speak the two wire modes byte for byte; `as_newer_version`, a log
+file as a newer spinbroker would write it."""
 
 from __future__ import annotations
 
@@ -12,9 +13,27 @@ from typing import Any
 
 import msgpack
 import pytest
+from crc32c import crc32c
 
 from spinbroker.config import Limits, ServerConfig
 from spinbroker.server import Server
+from spinbroker.wal import frame, snapshot
+
+
+def as_newer_version(data: bytes, version: int = 2) -> bytes:
+    """`data`, a segment or snapshot file of this version, as a newer spinbroker could have
+    written it: the version in its magic raised, and the header checksum made over that
+    magic, as a writer of that version would (a version raised alone, with this version's
+    checksum still fitting, is a damaged file of this version)."""
+    if data.startswith(frame.SEGMENT_MAGIC_PREFIX):
+        magic = frame.SEGMENT_MAGIC_PREFIX + version.to_bytes(2, "big")
+        checked = frame.SEGMENT_HEADER_SIZE - 8  # magic and first LSN, then the crc
+    else:
+        assert data.startswith(snapshot.MAGIC_PREFIX)
+        magic = snapshot.MAGIC_PREFIX + bytes((version,))
+        checked = snapshot.HEADER_SIZE - 4  # magic, LSN, length, body crc, then the crc
+    head = magic + data[len(magic) : checked]
+    return head + crc32c(head).to_bytes(4, "little") + data[checked + 4 :]
 
 
 class _Stream:

@@ -59,6 +59,8 @@ from spinbroker.wal.memfiles import MemoryFiles
 from spinbroker.wal.segment import list_segments
 from spinbroker.wal.snapshot import encode_snapshot, list_snapshots, read_snapshot
 
+from .conftest import as_newer_version
+
 #: The deadline of every test here: no wait can hang the suite (blocking requests also
 #: carry their own timeouts).
 pytestmark = pytest.mark.timeout(60)
@@ -1194,7 +1196,7 @@ async def test_a_snapshot_file_of_a_newer_version_is_refused_and_kept_as_it_is(
     for damage: skipped for the older snapshot and the log, then deleted by retention)."""
     config = await stopped_twice(brokers)
     _, path = list_snapshots(OsFiles(), config.data_dir)[-1]
-    path.write_bytes(b"SPBSNAP\x02" + path.read_bytes()[8:])
+    path.write_bytes(as_newer_version(path.read_bytes()))
     before = files_of(config.data_dir)
     refused = re.escape(f"{path}: snapshot file version 2 is unknown to this spinbroker")
     with pytest.raises(WalNewerVersion, match=f"{refused}.*likely written by a newer"):
@@ -1211,7 +1213,7 @@ async def test_a_segment_of_a_newer_version_is_refused_and_kept_as_it_is(
     and every file stays as it was."""
     config = await stopped_twice(brokers)
     _, path = list_segments(OsFiles(), config.data_dir)[-1]
-    path.write_bytes(b"SPBWAL\x00\x02" + path.read_bytes()[8:])
+    path.write_bytes(as_newer_version(path.read_bytes()))
     before = files_of(config.data_dir)
     assert await server_module._serve(config) == 1
     refused = f"{path}: segment format version 2 is unknown to this spinbroker"

@@ -26,6 +26,8 @@ from spinbroker.wal.frame import (
 )
 from spinbroker.wal.reader import SECTOR, RecordError, iter_checked, iter_records, scan_segment
 
+from .conftest import as_newer_version
+
 
 def test_record_roundtrip() -> None:
     frame = encode_record(7, b"hello")
@@ -90,14 +92,21 @@ def test_segment_header() -> None:
 def test_a_segment_header_of_a_newer_version_is_no_damage() -> None:
     """A header with the segment magic but a higher version is a newer spinbroker's, however
     the rest of it reads (a newer layout need not be this one); a lower version or another
-    magic is damage (once a newer version was damage too, which repair would cut)."""
+    magic is damage (once a newer version was damage too, which repair would cut). So is a
+    header of this version with a flipped bit in its version: its checksum still fits."""
     header = encode_segment_header(7)
-    for newer in (b"\x00\x02" + header[8:], b"\x01\x00" + header[8:], b"\x00\x02"):
+    newer = (as_newer_version(header), as_newer_version(header, 256), b"SPBWAL\x00\x02")
+    for data in newer:
         with pytest.raises(NewerSegment, match=r"version .* likely written by a newer spinbroker"):
-            decode_segment_header(b"SPBWAL" + newer)
+            decode_segment_header(data)
     for damaged in (b"SPBWAL\x00\x00" + header[8:], b"SPBWAX\x00\x02" + header[8:]):
         with pytest.raises(BadSegmentHeader):
             decode_segment_header(damaged)
+    for bit in range(16):
+        flipped = bytearray(header)
+        flipped[6 + bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(BadSegmentHeader, match="version bytes are damaged"):
+            decode_segment_header(bytes(flipped))
 
 
 def _segment(count: int, body: bytes = b"body") -> bytes:

@@ -13,6 +13,8 @@ from spinbroker.wal.inspect import decode_msgpack, inspect, main
 from spinbroker.wal.segment import segment_name
 from spinbroker.wal.snapshot import snapshot_name
 
+from .conftest import as_newer_version
+
 
 async def make_log(directory: Path) -> None:
     wal, _ = Wal.open(directory, fsync="off", segment_size=512, preallocate=False)
@@ -62,10 +64,10 @@ async def test_inspect_and_repair_name_a_newer_versions_file(
     refuses it, changing nothing."""
     await make_log(tmp_path)
     if kind == "segment":
-        path, magic = sorted(tmp_path.glob("wal-*.log"))[-1], b"SPBWAL\x00\x02"
+        path = sorted(tmp_path.glob("wal-*.log"))[-1]
     else:
-        path, magic = tmp_path / snapshot_name(5), b"SPBSNAP\x02"
-    path.write_bytes(magic + path.read_bytes()[8:])
+        path = tmp_path / snapshot_name(5)
+    path.write_bytes(as_newer_version(path.read_bytes()))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
     assert main(["inspect", str(tmp_path), "--records"]) == 1

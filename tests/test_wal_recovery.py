@@ -13,6 +13,8 @@ from spinbroker.wal.reader import SECTOR
 from spinbroker.wal.repair import repair
 from spinbroker.wal.segment import segment_name
 
+from .conftest import as_newer_version
+
 
 async def write_log(directory: Path, bodies: list[bytes], **options: object) -> None:
     wal, _ = Wal.open(directory, fsync="off", **options)  # type: ignore[arg-type]
@@ -146,7 +148,7 @@ async def test_a_segment_of_a_newer_version_is_refused_and_never_cut(tmp_path: P
     segments = sorted(p for p in tmp_path.iterdir() if p.suffix == ".log")
     assert len(segments) >= 3
     newest, older = segments[-1], segments[1]
-    newest.write_bytes(b"SPBWAL\x00\x02" + newest.read_bytes()[8:] + b"torn?")
+    newest.write_bytes(as_newer_version(newest.read_bytes()) + b"torn?")
     data = bytearray(older.read_bytes())
     data[SEGMENT_HEADER_SIZE + 30] ^= 0x04
     older.write_bytes(data)

@@ -15,6 +15,8 @@ from spinbroker.wal.memfiles import MemoryFiles
 from spinbroker.wal.repair import repair
 from spinbroker.wal.snapshot import encode_snapshot, snapshot_name
 
+from .conftest import as_newer_version
+
 D = Path("/data/wal")
 
 
@@ -139,7 +141,9 @@ async def test_a_snapshot_of_a_newer_version_is_neither_skipped_nor_repaired() -
     """The snapshot magic with a higher version is a newer spinbroker's snapshot: load
     refuses it, though the previous snapshot and the log cover it, and repair leaves every
     file as it is (once it was skipped as invalid, and repair moved it aside). Another
-    magic is damage, skipped as before."""
+    magic is damage, skipped as before, and so is a flipped bit in the version byte (the
+    header's checksum still fits this version). Behind a valid snapshot, a newer version's
+    is never read: it blocks neither a start nor a repair, and stays."""
     fs = MemoryFiles()
     wal = open_wal(fs)
     await fill(wal, 40)
@@ -149,7 +153,7 @@ async def test_a_snapshot_of_a_newer_version_is_neither_skipped_nor_repaired() -
     await wal.close()
     newest = D / snapshot_name(70)
     data = fs.read(newest)
-    fs.corrupt(newest, b"SPBSNAP\x02" + data[8:])
+    fs.corrupt(newest, as_newer_version(data))
     before = {name: fs.read(D / name) for name in fs.listdir(D)}
 
     wal = open_wal(fs)
@@ -164,11 +168,22 @@ async def test_a_snapshot_of_a_newer_version_is_neither_skipped_nor_repaired() -
     )
     assert {name: fs.read(D / name) for name in fs.listdir(D)} == before
 
-    fs.corrupt(newest, b"SPBSNAX\x01" + data[8:])
+    for damaged in (b"SPBSNAX\x01" + data[8:], b"SPBSNAP\x03" + data[8:]):
+        fs.corrupt(newest, damaged)
+        wal = open_wal(fs)
+        snapshot, _ = wal.load()
+        assert snapshot is not None and snapshot.lsn == 30
+        await wal.close()
+
+    fs.corrupt(newest, data)
+    older = D / snapshot_name(30)
+    fs.corrupt(older, as_newer_version(fs.read(older)))
     wal = open_wal(fs)
     snapshot, _ = wal.load()
-    assert snapshot is not None and snapshot.lsn == 30
+    assert snapshot is not None and snapshot.lsn == 70
     await wal.close()
+    assert repair(D, fs).refused is None
+    assert older.name in fs.listdir(D)
 
 
 async def test_snapshot_written_by_hand_ahead_of_the_log_is_refused() -> None:

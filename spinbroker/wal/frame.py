@@ -267,6 +267,16 @@ class NewerSegment(ValueError):
         self.version = version
 
 
+def _current_but_damaged(data: bytes | memoryview) -> bool:
+    """A header of this version whose version bytes were damaged: its checksum fits this
+    version's magic, which a newer writer's checksum of its own magic would not (but for a
+    1 in 2**32 chance). One flipped bit there is damage, not a newer spinbroker's file."""
+    if len(data) < SEGMENT_HEADER_SIZE:
+        return False
+    (crc,) = struct.unpack_from("<I", data, _SEGMENT.size)
+    return bool(crc32c(SEGMENT_MAGIC + bytes(data[len(SEGMENT_MAGIC) : _SEGMENT.size])) == crc)
+
+
 def encode_segment_header(first_lsn: int) -> bytes:
     head = _SEGMENT.pack(SEGMENT_MAGIC, first_lsn)
     return head + _SEGMENT_TAIL.pack(crc32c(head), 0)
@@ -278,13 +288,18 @@ def decode_segment_header(data: bytes | memoryview) -> int:
     prefix = len(SEGMENT_MAGIC_PREFIX)
     if len(data) >= len(SEGMENT_MAGIC) and bytes(data[:prefix]) == SEGMENT_MAGIC_PREFIX:
         version = int.from_bytes(data[prefix : len(SEGMENT_MAGIC)], "big")
-        if version > SEGMENT_VERSION:
+        if version > SEGMENT_VERSION and not _current_but_damaged(data):
             raise NewerSegment(version)
     if len(data) < SEGMENT_HEADER_SIZE:
         raise BadSegmentHeader(f"file is {len(data)} bytes, shorter than a segment header")
     head = bytes(data[: _SEGMENT.size])
     magic, first_lsn = _SEGMENT.unpack(head)
     crc, _reserved = _SEGMENT_TAIL.unpack_from(data, _SEGMENT.size)
+    if magic != SEGMENT_MAGIC and _current_but_damaged(data):
+        raise BadSegmentHeader(
+            f"bad magic {magic!r}: a version {SEGMENT_VERSION} header whose version bytes are "
+            "damaged (its checksum fits that version)"
+        )
     if magic != SEGMENT_MAGIC:
         raise BadSegmentHeader(f"bad magic {magic!r}, expected {SEGMENT_MAGIC!r}")
     if crc32c(head) != crc:

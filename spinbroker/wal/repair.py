@@ -109,13 +109,16 @@ def newer_version(files: FileLayer, directory: Path, segments: list[ScannedSegme
     problem = first_problem(segments)
     if problem is not None and problem.newer:
         return f"{problem.file.name}: {problem.detail}"
-    for lsn, path in list_snapshots(files, directory):
+    # The snapshots a start would read (choose_snapshot): newest first, up to the first
+    # valid one. A newer version's snapshot behind that one is never read; it stays.
+    for lsn, path in reversed(list_snapshots(files, directory)):
         try:
             read_snapshot(files, lsn, path)
         except WalNewerVersion as exc:
             return f"{path.name}: {exc.detail}"
         except BadSnapshot:
             continue
+        return None
     return None
 
 
@@ -147,13 +150,15 @@ def _set_aside_bad_snapshots(files: FileLayer, directory: Path, report: RepairRe
         except BadSnapshot as exc:
             report.problems.append(Problem(-1, path, exc.offset, exc.detail, False, 0))
             _move(files, directory, path, report)
+        except WalNewerVersion:
+            continue  # no damage; behind a valid snapshot (newer_version), never read
 
 
 def _newest_valid_snapshot(files: FileLayer, directory: Path) -> int | None:
     for lsn, path in reversed(list_snapshots(files, directory)):
         try:
             read_snapshot(files, lsn, path)
-        except BadSnapshot:
+        except (BadSnapshot, WalNewerVersion):
             continue
         return lsn
     return None
