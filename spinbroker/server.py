@@ -1163,6 +1163,17 @@ def _next_args(args: dict[str, Any]) -> tuple[str, float | None, float | None]:
     return resource, requests.seconds(args, "timeout"), requests.positive_seconds(args, "ttr")
 
 
+def _open_stdio() -> None:
+    """Open /dev/null on each of fds 0-2 found closed (`serve 0<&-`): otherwise the next
+    descriptor opened takes its number, the event loop's own included, and libuv aborts
+    the process when it closes a descriptor below 3 at the end."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
@@ -1208,6 +1219,7 @@ async def _serve(config: ServerConfig) -> int:
 
 def run(config: ServerConfig) -> int:
     """Run a broker until SIGINT or SIGTERM; the process exit code."""
+    _open_stdio()
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

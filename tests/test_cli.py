@@ -821,3 +821,33 @@ async def test_serve_as_a_process(short_dir: Path, capsys: pytest.CaptureFixture
             proc.terminate()
     assert await proc.wait() == 0
     assert not socket.exists()
+
+
+async def test_serve_started_with_stdio_closed_stops_cleanly(tmp_path: Path) -> None:
+    """A broker started with its standard input closed (`0<&-`, some supervisors) once
+    aborted when it stopped: the event loop's epoll descriptor took fd 0, and libuv refuses
+    to close a descriptor below 3. `serve` now opens /dev/null on any of 0-2 found closed."""
+    serve = [sys.executable, "-m", "spinbroker", "serve", "--data-dir", str(tmp_path / "d")]
+    proc = await asyncio.create_subprocess_exec(
+        "sh",
+        "-c",
+        'exec "$@" 0<&-',  # as a shell closes it (uvloop's spawn runs no preexec_fn)
+        "sh",
+        *serve,
+        "--no-tcp",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        async with asyncio.timeout(30):
+            while b" ready " not in (line := await proc.stderr.readline()):
+                assert line, "the broker exited before it was ready"
+        proc.terminate()
+        async with asyncio.timeout(30):
+            rest = await proc.stderr.read()
+            assert await proc.wait() == 0, rest.decode(errors="replace")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
