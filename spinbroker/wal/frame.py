@@ -45,7 +45,8 @@ Segment header, 24 bytes at offset 0 of every `wal-<first lsn>.log`:
 
 A later format keeps the magic's first 6 bytes and raises the version: a segment of a
 version above this one's is a newer spinbroker's (`NewerSegment`), never damage, whatever
-follows its magic.
+follows its magic; unless its crc fits this version's magic: then it is this version's,
+with damaged version bytes.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ Layout, little-endian, a 32-byte header then the body:
 
 A later format keeps the magic's first 7 bytes and raises the version: a snapshot of a
 version above this one's is a newer spinbroker's (`read_snapshot` raises WalNewerVersion),
-never an invalid snapshot to skip, whatever follows its magic.
+never an invalid snapshot to skip, whatever follows its magic; unless its head_crc fits
+this version's magic: then it is this version's, with a damaged version byte.
 """
 
 from __future__ import annotations
