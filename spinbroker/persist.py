@@ -263,13 +263,14 @@ class Snapshotter:
 
 def _fork_writer(broker: Broker, directory: Path, lsn: int) -> int:
     """Fork a child that writes the snapshot's temporary file and exits."""
+    parent = os.getpid()
     pid = os.fork()
     if pid != 0:
         return pid
     # The child: never return into the parent's code, never touch its event loop.
     code = 1
     try:
-        detach_forked_child()
+        detach_forked_child(parent)
         body = state.dump_packed(broker)
         write_snapshot_tmp(OsFiles(), directory, lsn, body)
         code = 0

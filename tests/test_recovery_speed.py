@@ -262,7 +262,7 @@ async def test_no_fork_means_checking_here(tmp_path: Path, monkeypatch: pytest.M
 async def test_a_child_that_dies_means_checking_here(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def dies(segments: object, pipe: int) -> None:
+    def dies(*_: object) -> None:  # whatever _child_main is given
         os._exit(3)
 
     directories = await damaged_logs(tmp_path)
@@ -413,6 +413,68 @@ def test_replay_of_the_nested_one_command_submit_of_older_logs() -> None:
         assert persist._replay(broker, iter([(1, body)]), 0, 0.0, lambda: 0.0) == 1
     assert observable(brokers[0]) == observable(brokers[1])
     assert brokers[0].commands["c1"].state == brokers[1].commands["c1"].state
+
+
+#: A broker stand-in: forks a snapshot writer that waits on the named pipe `go` (after
+#: saying so on `ready`), prints its pid, then waits to be killed.
+_PARENT = """
+import os, sys
+from pathlib import Path
+from spinbroker import persist, state
+from spinbroker.core import Broker
+ready, go = sys.argv[1], sys.argv[2]
+dump = state.dump_packed
+
+def slow_dump(broker):
+    with open(ready, "wb") as said:
+        said.write(b"r")
+    with open(go, "rb") as told:
+        told.read(1)
+    return dump(broker)
+
+state.dump_packed = slow_dump
+print(persist._fork_writer(Broker(), Path(sys.argv[3]), 1), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs Linux pidfds")
+def test_a_snapshot_child_dies_with_its_broker(tmp_path: Path) -> None:
+    """A broker killed alone (kill -9, the OOM killer) during a snapshot takes its child
+    with it: the child would otherwise hold its copy-on-write share of the broker's heap,
+    and go on writing, while the restarted broker recovers."""
+    import signal
+    import subprocess
+    import sys
+
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    os.mkfifo(ready)
+    os.mkfifo(go)
+    ready_read = os.open(ready, os.O_RDONLY | os.O_NONBLOCK)
+    go_write = os.open(go, os.O_RDWR)  # Linux: opens at once, with no reader yet
+    root = str(Path(__file__).resolve().parent.parent)
+    broker = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, str(ready), str(go), str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": root},
+    )
+    child = -1
+    try:
+        assert broker.stdout is not None
+        child = int(broker.stdout.readline())
+        exited = os.pidfd_open(child)
+        assert select.select([ready_read], [], [], 10.0)[0], "the child never started"
+        broker.send_signal(signal.SIGKILL)
+        broker.wait(10)
+        assert select.select([exited], [], [], 10.0)[0], "the child outlived its broker"
+        os.close(exited)
+    finally:
+        os.write(go_write, b"x")  # the child, if alive, finishes
+        broker.kill()
+        broker.wait(10)
+        for fd in (ready_read, go_write):
+            os.close(fd)
 
 
 def test_a_snapshot_child_holds_none_of_the_parents_descriptors(

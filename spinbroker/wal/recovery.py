@@ -21,11 +21,13 @@ process checks the rest; if the child fails in any way, its half is checked here
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import os
 import pickle
 import signal
+import sys
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,8 @@ log = logging.getLogger("spinbroker.wal")
 KEEP_CHECKED_BYTES = 512 << 20
 #: Kept segments totalling this much are checked by two processes (see `scan_directory`).
 FORK_CHECK_BYTES = 32 << 20
+#: prctl(2): the signal a process gets when the thread that forked it ends (Linux).
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +207,7 @@ class _ChildCheck:
             read_end, write_end = os.pipe()
         except OSError:
             return
+        parent = os.getpid()
         try:
             pid = os.fork()
         except OSError as exc:
@@ -212,7 +217,7 @@ class _ChildCheck:
             return
         if pid == 0:
             os.close(read_end)
-            _child_main(segments, write_end)
+            _child_main(segments, parent, write_end)
         os.close(write_end)
         self._pid, self._pipe = pid, read_end
 
@@ -259,8 +264,11 @@ class _ChildCheck:
         return os.waitstatus_to_exitcode(status)
 
 
-def detach_forked_child(keep: Collection[int] = ()) -> None:
-    """First thing in a forked helper child (segment checks, snapshots):
+def detach_forked_child(parent: int, keep: Collection[int] = ()) -> None:
+    """First thing in a forked helper child (segment checks, snapshots) of `parent`:
+    - die with it (Linux): the helper of a broker killed alone (kill -9, the OOM killer)
+      must not hold on to its copy-on-write share of the broker's heap, nor go on writing,
+      while the restarted broker recovers;
     - default SIGINT/SIGTERM with no wakeup fd, so that a signal meant for the child
       cannot reach the parent's event loop through the wakeup fd the child inherited;
     - close every descriptor inherited from the parent but stdio and `keep`. A copy the
@@ -271,6 +279,7 @@ def detach_forked_child(keep: Collection[int] = ()) -> None:
       child ended;
     - no cyclic collection, which would touch (and so copy) every page of the parent's
       heap."""
+    _die_with(parent)
     with contextlib.suppress(ValueError):  # only the main thread may (re)set these
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -283,12 +292,24 @@ def detach_forked_child(keep: Collection[int] = ()) -> None:
     gc.disable()
 
 
-def _child_main(segments: list[tuple[int, Path, bytes]], pipe: int) -> NoReturn:
+def _die_with(parent: int) -> None:
+    """SIGKILL this process once `parent` ends (prctl PR_SET_PDEATHSIG; Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it ended before the prctl: nothing would signal this
+        os._exit(1)
+
+
+def _child_main(segments: list[tuple[int, Path, bytes]], parent: int, pipe: int) -> NoReturn:
     """The forked child: check, send the scans, exit without running any of the parent's
     cleanup (atexit, buffered files, the event loop)."""
     code = 1
     try:
-        detach_forked_child(keep=(pipe,))
+        detach_forked_child(parent, keep=(pipe,))
         payload = pickle.dumps([check_segment(lsn, data) for lsn, _, data in segments])
         with os.fdopen(pipe, "wb") as out:
             out.write(payload)
