@@ -22,7 +22,7 @@ import pytest
 from spinbroker import persist, records
 from spinbroker.config import Limits
 from spinbroker.schema import MAX_NESTING
-from spinbroker.server import EXIT_CANNOT_LOG, Server
+from spinbroker.server import EXIT_CANNOT_LOG, NOT_PAUSED, Server
 from spinbroker.wal import Wal
 
 from .conftest import RawMsgpack, TextClient, open_stream
@@ -263,6 +263,9 @@ async def test_requests_past_the_inflight_limit_are_served_once_replies_leave(
     replies = [await c.reply(timeout=3.0) for _ in range(4)]
     assert sorted(m[0] for m in replies) == sorted([*nexts, ping])
     assert all(m[1:] == ["empty", None] for m in replies if m[0] in nexts)
+    # Reading paused and resumed: the connection is back to sharing the empty reasons.
+    (conn,) = server.connections.values()
+    assert conn._read_paused_by is NOT_PAUSED
     await c.close()
     await server.stop()
 

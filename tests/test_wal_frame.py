@@ -107,6 +107,8 @@ def test_a_segment_header_of_a_newer_version_is_no_damage() -> None:
         flipped[6 + bit // 8] ^= 1 << (bit % 8)
         with pytest.raises(BadSegmentHeader, match="version bytes are damaged"):
             decode_segment_header(bytes(flipped))
+    with pytest.raises(BadSegmentHeader, match="header whose magic is damaged"):
+        decode_segment_header(b"R" + header[1:])
 
 
 def _segment(count: int, body: bytes = b"body") -> bytes:

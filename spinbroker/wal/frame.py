@@ -297,8 +297,9 @@ def decode_segment_header(data: bytes | memoryview) -> int:
     magic, first_lsn = _SEGMENT.unpack(head)
     crc, _reserved = _SEGMENT_TAIL.unpack_from(data, _SEGMENT.size)
     if magic != SEGMENT_MAGIC and _current_but_damaged(data):
+        damaged = "version bytes are" if magic.startswith(SEGMENT_MAGIC_PREFIX) else "magic is"
         raise BadSegmentHeader(
-            f"bad magic {magic!r}: a version {SEGMENT_VERSION} header whose version bytes are "
+            f"bad magic {magic!r}: a version {SEGMENT_VERSION} header whose {damaged} "
             "damaged (its checksum fits that version)"
         )
     if magic != SEGMENT_MAGIC:

@@ -28,7 +28,7 @@ import os
 import pickle
 import signal
 import sys
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -55,6 +55,20 @@ KEEP_CHECKED_BYTES = 512 << 20
 FORK_CHECK_BYTES = 32 << 20
 #: prctl(2): the signal a process gets when the thread that forked it ends (Linux).
 _PR_SET_PDEATHSIG = 1
+
+
+def _find_prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up here in the parent, not in a forked child."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+_PRCTL = _find_prctl()
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,13 +307,11 @@ def detach_forked_child(parent: int, keep: Collection[int] = ()) -> None:
 
 
 def _die_with(parent: int) -> None:
-    """SIGKILL this process once `parent` ends (prctl PR_SET_PDEATHSIG; Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
+    """SIGKILL this process once `parent` ends (prctl PR_SET_PDEATHSIG; Linux only).
+    Linux sends it when the *thread* that forked ends, so a helper must be forked from a
+    thread that outlives it: the event loop's, or the thread that waits for the child."""
+    if _PRCTL is None or _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # refused (seccomp): the helper just finishes on its own, as before
     if os.getppid() != parent:  # it ended before the prctl: nothing would signal this
         os._exit(1)
 

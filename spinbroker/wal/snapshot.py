@@ -106,7 +106,8 @@ def decode_snapshot(data: bytes, expected_lsn: int) -> memoryview:
     magic, lsn, length, body_crc = _HEAD.unpack_from(data)
     (head_crc,) = _HEAD_CRC.unpack_from(data, _HEAD.size)
     if magic != MAGIC and _current_but_damaged(data):
-        detail = f"a version {VERSION} header whose version byte is damaged (its checksum fits)"
+        damaged = "version byte is" if magic.startswith(MAGIC_PREFIX) else "magic is"
+        detail = f"a version {VERSION} header whose {damaged} damaged (its checksum fits)"
         raise BadSnapshot(0, f"bad magic {magic!r}: {detail}")
     if magic != MAGIC:
         raise BadSnapshot(0, f"bad magic {magic!r}")
