@@ -166,6 +166,31 @@ async def test_a_segment_of_a_newer_version_is_refused_and_never_cut(tmp_path: P
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+async def test_repair_puts_back_a_damaged_version_byte_instead_of_cutting(
+    tmp_path: Path,
+) -> None:
+    """A flipped bit in a segment's version bytes is damage (the header's checksum still
+    fits version 1), not a newer spinbroker's segment; its records are intact, so repair
+    puts the magic back, keeping the original, and cuts nothing (once it moved the
+    segment and every later one aside: all their records)."""
+    bodies = [b"%03d" % i * 30 for i in range(30)]
+    await write_log(tmp_path, bodies, segment_size=512, preallocate=False)
+    segments = sorted(p for p in tmp_path.iterdir() if p.suffix == ".log")
+    assert len(segments) >= 3
+    middle = segments[1]
+    original = middle.read_bytes()
+    middle.write_bytes(original[:7] + bytes([original[7] ^ 0x04]) + original[8:])
+    with pytest.raises(WalCorruption, match="version bytes are damaged"):
+        Wal.open(tmp_path)
+    report = repair(tmp_path)
+    assert report.restored == [middle] and not report.moved and not report.truncated
+    assert report.remaining is None and report.dropped is None
+    assert middle.read_bytes() == original
+    assert report.backup is not None
+    assert (report.backup / middle.name).read_bytes()[7] == original[7] ^ 0x04
+    assert await read_log(tmp_path) == bodies
+
+
 async def test_corruption_in_the_newest_segment_is_not_a_torn_tail(tmp_path: Path) -> None:
     bodies = [b"alpha" * 10, b"beta" * 10, b"gamma" * 10]
     await write_log(tmp_path, bodies, preallocate=False)

@@ -186,6 +186,26 @@ async def test_a_snapshot_of_a_newer_version_is_neither_skipped_nor_repaired() -
     assert older.name in fs.listdir(D)
 
 
+async def test_repair_puts_back_a_snapshots_damaged_version_byte() -> None:
+    """A snapshot whose version byte alone is damaged (its header's checksum still fits
+    version 1) is restored by repair, the original kept, not set aside."""
+    fs = MemoryFiles()
+    wal = open_wal(fs)
+    await fill(wal, 40)
+    await wal.write_snapshot(40, b"state at 40")
+    await wal.close()
+    path = D / snapshot_name(40)
+    data = fs.read(path)
+    fs.corrupt(path, b"SPBSNAP\x05" + data[8:])
+    report = repair(D, fs)
+    assert report.restored == [path] and not report.moved and report.remaining is None
+    assert fs.read(path) == data
+    wal = open_wal(fs)
+    snapshot, _ = wal.load()
+    assert snapshot is not None and snapshot.lsn == 40
+    await wal.close()
+
+
 async def test_snapshot_written_by_hand_ahead_of_the_log_is_refused() -> None:
     fs = MemoryFiles()
     wal = open_wal(fs)

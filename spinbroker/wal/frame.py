@@ -268,11 +268,12 @@ class NewerSegment(ValueError):
         self.version = version
 
 
-def _current_but_damaged(data: bytes | memoryview) -> bool:
-    """A header of this version whose version bytes were damaged: its checksum fits this
-    version's magic, which a newer writer's checksum of its own magic would not (but for a
-    1 in 2**32 chance). One flipped bit there is damage, not a newer spinbroker's file."""
-    if len(data) < SEGMENT_HEADER_SIZE:
+def damaged_magic_only(data: bytes | memoryview) -> bool:
+    """A header of this version whose magic (its version bytes, say) was damaged: its
+    checksum fits this version's magic, which a newer writer's checksum of its own magic
+    would not. One flipped bit there is damage, not a newer spinbroker's file, and
+    `wal repair` puts the magic back rather than cut the log there."""
+    if len(data) < SEGMENT_HEADER_SIZE or bytes(data[: len(SEGMENT_MAGIC)]) == SEGMENT_MAGIC:
         return False
     (crc,) = struct.unpack_from("<I", data, _SEGMENT.size)
     return bool(crc32c(SEGMENT_MAGIC + bytes(data[len(SEGMENT_MAGIC) : _SEGMENT.size])) == crc)
@@ -289,14 +290,14 @@ def decode_segment_header(data: bytes | memoryview) -> int:
     prefix = len(SEGMENT_MAGIC_PREFIX)
     if len(data) >= len(SEGMENT_MAGIC) and bytes(data[:prefix]) == SEGMENT_MAGIC_PREFIX:
         version = int.from_bytes(data[prefix : len(SEGMENT_MAGIC)], "big")
-        if version > SEGMENT_VERSION and not _current_but_damaged(data):
+        if version > SEGMENT_VERSION and not damaged_magic_only(data):
             raise NewerSegment(version)
     if len(data) < SEGMENT_HEADER_SIZE:
         raise BadSegmentHeader(f"file is {len(data)} bytes, shorter than a segment header")
     head = bytes(data[: _SEGMENT.size])
     magic, first_lsn = _SEGMENT.unpack(head)
     crc, _reserved = _SEGMENT_TAIL.unpack_from(data, _SEGMENT.size)
-    if magic != SEGMENT_MAGIC and _current_but_damaged(data):
+    if magic != SEGMENT_MAGIC and damaged_magic_only(data):
         damaged = "version bytes are" if magic.startswith(SEGMENT_MAGIC_PREFIX) else "magic is"
         raise BadSegmentHeader(
             f"bad magic {magic!r}: a version {SEGMENT_VERSION} header whose {damaged} "

@@ -18,11 +18,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spinbroker.wal import frame, snapshot
 from spinbroker.wal.errors import WalCorruption, WalNewerVersion
-from spinbroker.wal.files import FileLayer, OsFiles, truncate_durably, write_file_durably
+from spinbroker.wal.files import (
+    FileLayer,
+    OsFiles,
+    rename_durably,
+    truncate_durably,
+    write_file_durably,
+)
 from spinbroker.wal.reader import frames_after
 from spinbroker.wal.recovery import Problem, ScannedSegment, first_problem, scan_directory
-from spinbroker.wal.segment import SegmentList
+from spinbroker.wal.segment import TMP_SUFFIX, SegmentList, list_segments
 from spinbroker.wal.snapshot import BadSnapshot, choose_snapshot, list_snapshots, read_snapshot
 
 _MAX_ROUNDS = 1000
@@ -39,6 +46,8 @@ class RepairReport:
     truncated: list[tuple[Path, int]] = field(default_factory=list)
     #: Files moved into the backup (they no longer belong to the log).
     moved: list[Path] = field(default_factory=list)
+    #: Files whose damaged magic was put back (their originals are in the backup).
+    restored: list[Path] = field(default_factory=list)
     #: Why the log still cannot be loaded, if it cannot.
     remaining: str | None = None
     #: LSNs [first, end) a cut took out of the log: records acknowledged once, and gone
@@ -50,7 +59,7 @@ class RepairReport:
 
     @property
     def changed(self) -> bool:
-        return bool(self.truncated or self.moved)
+        return bool(self.truncated or self.moved or self.restored)
 
     def describe(self) -> str:
         lines = [f"wal repair of {self.directory}"]
@@ -61,6 +70,8 @@ class RepairReport:
             lines.append("  nothing to repair")
         for problem in self.problems:
             lines.append(f"  found: {problem.file.name} offset {problem.offset}: {problem.detail}")
+        for path in self.restored:
+            lines.append(f"  restored the header magic of {path.name} (original kept)")
         for path, offset in self.truncated:
             lines.append(f"  truncated {path.name} at offset {offset} (original kept)")
         for path in self.moved:
@@ -88,6 +99,7 @@ def repair(directory: Path, files: FileLayer | None = None) -> RepairReport:
     if report.refused is not None:
         report.remaining = report.refused
         return report
+    _restore_magic(files, directory, report)
     _set_aside_bad_snapshots(files, directory, report)
     for _ in range(_MAX_ROUNDS):
         segments = scan_directory(files, directory)
@@ -120,6 +132,29 @@ def newer_version(files: FileLayer, directory: Path, segments: list[ScannedSegme
             continue
         return None
     return None
+
+
+def _restore_magic(files: FileLayer, directory: Path, report: RepairReport) -> None:
+    """A segment or snapshot of this version whose magic alone is damaged (its header's
+    checksum fits this version's magic) holds intact records: put the magic back, keeping
+    the original in the backup, rather than cut the log or drop the snapshot there."""
+    paths = [(path, True) for _, path in list_segments(files, directory)]
+    paths += [(path, False) for _, path in list_snapshots(files, directory)]
+    for path, is_segment in paths:
+        data = files.read(path)
+        if is_segment and frame.damaged_magic_only(data):
+            magic = frame.SEGMENT_MAGIC
+        elif not is_segment and snapshot.damaged_magic_only(data):
+            magic = snapshot.MAGIC
+        else:
+            continue
+        backup = _backup(files, directory, report)
+        write_file_durably(files, backup / path.name, data)
+        files.sync_dir(backup)
+        fixed = path.with_name(path.name + TMP_SUFFIX)
+        write_file_durably(files, fixed, magic + data[len(magic) :])
+        rename_durably(files, fixed, path)
+        report.restored.append(path)
 
 
 def _backup(files: FileLayer, directory: Path, report: RepairReport) -> Path:

@@ -99,13 +99,13 @@ def decode_snapshot(data: bytes, expected_lsn: int) -> memoryview:
     format version (whose header need not even be laid out as this one), else BadSnapshot."""
     if len(data) >= len(MAGIC) and data[: len(MAGIC_PREFIX)] == MAGIC_PREFIX:
         version = data[len(MAGIC_PREFIX)]
-        if version > VERSION and not _current_but_damaged(data):
+        if version > VERSION and not damaged_magic_only(data):
             raise NewerSnapshot(version)
     if len(data) < HEADER_SIZE:
         raise BadSnapshot(0, f"file is {len(data)} bytes, shorter than a snapshot header")
     magic, lsn, length, body_crc = _HEAD.unpack_from(data)
     (head_crc,) = _HEAD_CRC.unpack_from(data, _HEAD.size)
-    if magic != MAGIC and _current_but_damaged(data):
+    if magic != MAGIC and damaged_magic_only(data):
         damaged = "version byte is" if magic.startswith(MAGIC_PREFIX) else "magic is"
         detail = f"a version {VERSION} header whose {damaged} damaged (its checksum fits)"
         raise BadSnapshot(0, f"bad magic {magic!r}: {detail}")
@@ -124,11 +124,12 @@ def decode_snapshot(data: bytes, expected_lsn: int) -> memoryview:
     return body
 
 
-def _current_but_damaged(data: bytes) -> bool:
-    """A header of this version whose version byte was damaged: its checksum fits this
-    version's magic, which a newer writer's checksum of its own magic would not (but for a
-    1 in 2**32 chance). One flipped bit there is damage, not a newer spinbroker's file."""
-    if len(data) < HEADER_SIZE:
+def damaged_magic_only(data: bytes) -> bool:
+    """A header of this version whose magic (its version byte, say) was damaged: its
+    checksum fits this version's magic, which a newer writer's checksum of its own magic
+    would not. One flipped bit there is damage, not a newer spinbroker's file, and
+    `wal repair` puts the magic back rather than set the snapshot aside."""
+    if len(data) < HEADER_SIZE or data[: len(MAGIC)] == MAGIC:
         return False
     (head_crc,) = _HEAD_CRC.unpack_from(data, _HEAD.size)
     return bool(crc32c(MAGIC + data[len(MAGIC) : _HEAD.size]) == head_crc)
