@@ -713,12 +713,21 @@ class Broker:
         before the crash that flagged it is not. One pass over the commands (clean stop)."""
         return any(cmd.skip_delivery for cmd in self.commands.values())
 
-    def end_lease(self, command_id: str, now: float) -> None:
-        """End the lease of `command_id` as a lost one (see `_end_lease`)."""
+    def give_again(
+        self, command_id: str, delivery: int, ttr: float | None, now: float
+    ) -> Command | None:
+        """A lease (`delivery` of `command_id`) whose delivering reply failed with the log,
+        for its agent's next NEXT (with `ttr`): the command to deliver again, its lease
+        restarted as TOUCH restarts it, and logged the same way (a connection lease stays
+        one). None if its package was cancelled since: its agent never got it, so the
+        lease ends as CANCEL promises for what was not delivered (LeaseCancelled)."""
         cmd = self.commands[command_id]
-        if cmd.state is LEASED:
+        if cmd.package.cancel_requested:
             self._end_lease(cmd, now)
             self._dispatch(now)
+            return None
+        self.touch(command_id, ttr, delivery, now)
+        return cmd
 
     def recover_leases(self, now: float, crashed: bool = True) -> None:
         """After a restart no lease is held: every leased command is ready again in its

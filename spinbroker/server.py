@@ -998,18 +998,11 @@ class Server:
         """NEXT: deliver the first ready command of `resource`, or park until one is.
         `acknowledges`: the reply also acknowledges this request's earlier change (COMPLETE
         with `next`), so it waits for that change's record too."""
-        if conn.undelivered:
-            again = conn.take_undelivered(resource)
-            if again is not None and again.package.cancel_requested:
-                # Cancelled since: its agent never got it, so it ends as CANCEL promises
-                # for what was not delivered (LeaseCancelled), and this NEXT goes on.
-                self.core.end_lease(again.id, self.clock())
-            elif again is not None:  # its reply failed with the log: deliver it again
-                # Given now, to this NEXT: a ttr lease restarts with this NEXT's ttr (or the
-                # one in force), as TOUCH does and with its record; a connection lease
-                # stays one. The reply waits for that record too (need None: everything).
-                self.core.touch(again.id, ttr, again.delivery, self.clock())
-                conn.deliver(req, again, None)
+        again = conn.take_undelivered(resource) if conn.undelivered else None
+        if again is not None:  # its reply failed with the log (see Broker.give_again)
+            given = self.core.give_again(again.id, again.delivery, ttr, self.clock())
+            if given is not None:  # the reply waits for its touch record too (need None)
+                conn.deliver(req, given, None)
                 return
         blocked = Blocked(conn, req)
         waiter = Waiter(blocked, conn.id, ttr)
