@@ -129,7 +129,7 @@ def load_packed(
         count = unpacker.read_array_header()
         unpack = unpacker.unpack
         waiting = _build(broker, (unpack() for _ in range(count)))
-        if items == 5:
+        if items == _FORMATS[2]:  # format 2 ends with `clean`
             broker.stopped_cleanly = unpack() is True
         if unpacker.tell() != len(body):
             raise ValueError(f"{len(body) - unpacker.tell()} bytes after the state")
