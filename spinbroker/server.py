@@ -38,6 +38,7 @@ from typing import Any, cast
 import msgpack
 
 from . import PROTOCOL_VERSION, __version__, persist, records, requests, schema
+from .clock import SteadyWallClock
 from .codec import TEXT_USAGE, BadInput, Mode, Request, ServerCodec
 from .config import ServerConfig
 from .core import LEASED, Broker, Command, NewCommand, Waiter, check_name
@@ -394,11 +395,13 @@ class Server:
     def __init__(
         self,
         config: ServerConfig,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         files: FileLayer | None = None,
     ) -> None:
         self.config = config
-        self.clock = clock
+        #: Wall-clock seconds for the core and its records; by default one that a step of
+        #: the system clock does not move while the broker runs (clock.py).
+        self.clock = SteadyWallClock() if clock is None else clock
         #: The log's file layer: the real one, or a test's that loses power or fills up.
         self.files = files
         # Replaced by the recovered broker in start().

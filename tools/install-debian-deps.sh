@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite and the benchmarks need, when they are missing:
-# qemu (the emulation agent's real emulator) and the peers the benchmark compares against.
+# qemu (the emulation agent's real emulator), libfaketime (a clock step under a running
+# broker: tests/test_clock.py) and the peers the benchmark compares against.
 # Needs root (or passwordless sudo); without either it says what is missing and carries on,
 # and the tests that need those programs skip with the reason.
 set -u
-wanted=(qemu-system-x86 qemu-utils beanstalkd redis-server)
+wanted=(qemu-system-x86 qemu-utils beanstalkd redis-server faketime)
 missing=()
 for pkg in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
