@@ -19,6 +19,7 @@ METRICS = {
     "srv_cpu": ("server CPU", "{:.0%}"),
     "cli_cpu": ("client CPU", "{:.0%}"),
     "oth_cpu": ("other CPU", "{:.0%}"),
+    "records_per_sync": ("records/fsync", "{:,.1f}"),
     "startup_s": ("start-up s", "{:.2f}"),
     "empty_startup_s": ("empty start-up s", "{:.2f}"),
     "commands": ("commands", "{:,.0f}"),
@@ -29,13 +30,16 @@ METRICS = {
     "bytes_per_conn": ("RSS B/idle connection", "{:,.0f}"),
     "conns": ("idle connections", "{:,.0f}"),
 }
-THROUGHPUT = ["ops_s", "p50_us", "p99_us", "max_us", "srv_cpu", "cli_cpu", "oth_cpu"]
+THROUGHPUT = [
+    *("ops_s", "p50_us", "p99_us", "max_us"),
+    *("srv_cpu", "cli_cpu", "oth_cpu", "records_per_sync"),
+]
 #: Columns per scenario; the first is shown as median (min-max) over the runs.
 COLUMNS = {
     "produce": THROUGHPUT,
     "consume": THROUGHPUT,
     "e2e": THROUGHPUT,
-    "wake": ["p99_us", "p50_us", "max_us", "ops_s", "srv_cpu", "oth_cpu"],
+    "wake": ["p99_us", "p50_us", "max_us", "ops_s", "srv_cpu", "oth_cpu", "records_per_sync"],
     "recovery": ["startup_s", "empty_startup_s", "commands"],
     "memory": ["bytes_per_command", "rss_mib", "commands"],
     "snapshot": ["stall_ms", "p99_us", "max_us", "snapshot_s", "commands"],

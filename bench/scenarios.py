@@ -64,14 +64,42 @@ class Opts:
 def timed(srv: Server, clients: Clients) -> dict[str, Any]:
     """Start the clients, wait for them, and attach CPU use as fractions of one core:
     the server's (~100% on one thread: server-bound) and the clients' over the timed
-    window, and the rest of the machine's while this case ran (other work skews it)."""
+    window, and the rest of the machine's while this case ran (other work skews it).
+    For spinbroker, also how many log records each fdatasync made durable meanwhile
+    (`group_commit`)."""
+    log0 = log_stats(srv)
     s0, m0, w0 = cpu_seconds(srv.pid), busy_cpu_seconds(), now()
     t0 = clients.go()
     lat, ops, last, cli_s = clients.collect()
     srv_s, wall_s = cpu_seconds(srv.pid) - s0, max(last - t0, 1) / 1e9
     other = (busy_cpu_seconds() - m0 - srv_s - cli_s) / ((now() - w0) / 1e9)
     cpu = {"srv_cpu": srv_s / wall_s, "cli_cpu": cli_s / wall_s, "oth_cpu": max(0.0, other)}
-    return summarize(lat, ops, int(wall_s * 1e9)) | cpu
+    return summarize(lat, ops, int(wall_s * 1e9)) | cpu | group_commit(log0, log_stats(srv))
+
+
+def log_stats(srv: Server) -> dict[str, Any] | None:
+    """spinbroker's group-commit counters (STATS `log`), read between timed windows; None
+    for the peers, which have no such figure."""
+    if srv.system.name != "spinbroker":
+        return None
+
+    async def read() -> dict[str, Any]:
+        c = await connect("spinbroker", srv.addr)
+        try:
+            return dict((await c.request("STATS"))["log"])
+        finally:
+            await c.close()
+
+    return uvloop.run(read())
+
+
+def group_commit(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+    """fdatasyncs over a window, and the records each made durable (if there were any)."""
+    if before is None or after is None:
+        return {}
+    syncs = after["syncs"] - before["syncs"]
+    records = after["synced_records"] - before["synced_records"]
+    return {"syncs": syncs} | ({"records_per_sync": records / syncs} if syncs else {})
 
 
 def group(

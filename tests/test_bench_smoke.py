@@ -49,6 +49,7 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
     ]:
         figures = rows[scenario, case, "spinbroker"]
         assert figures.get("n", 0) > 0 and figures["ops_s"] > 0, (scenario, case, figures)
+        assert figures["syncs"] >= 0, (scenario, case, figures)  # read from STATS
     for scenario, case in [("memory", "queued"), ("recovery", "from log"), ("snapshot", "stall")]:
         figures = rows[scenario, case, "spinbroker"]
         assert "skipped" in figures or figures["commands"] > 0, (scenario, case, figures)
@@ -59,6 +60,7 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
     for peer, program in [("beanstalkd", "beanstalkd"), ("redis", "redis-server")]:
         if shutil.which(program):
             assert rows["produce", "pipelined 100", peer]["n"] > 0
+            assert "syncs" not in rows["produce", "pipelined 100", peer]
             assert rows["connections", "idle rss", peer]["conns"] == 50
             assert rows["connections", "put with idle", peer]["n"] > 0
     assert doc["meta"]["payload_bytes"] == 100
@@ -87,3 +89,15 @@ def test_profile_writes_one_cprofile_per_broker_start(tmp_path: Path) -> None:
     stats = pstats.Stats(str(profiles / written[0]))
     functions = {name for _, _, name in stats.stats}  # type: ignore[attr-defined]
     assert {"after_batch", "data_received", "submit"} <= functions
+
+
+def test_group_commit_figures_are_the_window_s_deltas() -> None:
+    from bench.scenarios import group_commit
+
+    before = {"syncs": 5, "synced_records": 40}
+    assert group_commit(before, {"syncs": 9, "synced_records": 240}) == {
+        "syncs": 4,
+        "records_per_sync": 50.0,
+    }
+    assert group_commit(before, before) == {"syncs": 0}  # `--fsync off`: no sync in the window
+    assert group_commit(None, None) == {}  # a peer
