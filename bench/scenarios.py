@@ -94,12 +94,16 @@ def log_stats(srv: Server) -> dict[str, Any] | None:
 
 
 def group_commit(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
-    """fdatasyncs over a window, and the records each made durable (if there were any)."""
+    """fdatasyncs over a window and, if there were any, the records each made durable and
+    its mean time from the flush's start to its end settled on the event loop."""
     if before is None or after is None:
         return {}
     syncs = after["syncs"] - before["syncs"]
+    if not syncs:
+        return {"syncs": 0}
     records = after["synced_records"] - before["synced_records"]
-    return {"syncs": syncs} | ({"records_per_sync": records / syncs} if syncs else {})
+    seconds = after["sync_seconds"] - before["sync_seconds"]
+    return {"syncs": syncs, "records_per_sync": records / syncs, "sync_us": seconds / syncs * 1e6}
 
 
 def group(

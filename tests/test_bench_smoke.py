@@ -94,10 +94,11 @@ def test_profile_writes_one_cprofile_per_broker_start(tmp_path: Path) -> None:
 def test_group_commit_figures_are_the_window_s_deltas() -> None:
     from bench.scenarios import group_commit
 
-    before = {"syncs": 5, "synced_records": 40}
-    assert group_commit(before, {"syncs": 9, "synced_records": 240}) == {
+    before = {"syncs": 5, "synced_records": 40, "sync_seconds": 0.5}
+    assert group_commit(before, {"syncs": 9, "synced_records": 240, "sync_seconds": 0.502}) == {
         "syncs": 4,
         "records_per_sync": 50.0,
+        "sync_us": pytest.approx(500.0),
     }
     assert group_commit(before, before) == {"syncs": 0}  # `--fsync off`: no sync in the window
     assert group_commit(None, None) == {}  # a peer
