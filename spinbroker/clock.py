@@ -15,6 +15,7 @@ alike. A step taken while the broker runs shows only at its next start.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -29,7 +30,7 @@ def _elapsed_source() -> Callable[[], float]:
         time.clock_gettime(boottime)
     except OSError:  # a kernel without it
         return time.monotonic
-    return lambda: time.clock_gettime(boottime)
+    return functools.partial(time.clock_gettime, boottime)
 
 
 #: Seconds since an arbitrary start that no clock step moves, and that count suspend time.
