@@ -11,6 +11,7 @@ import pytest
 from spinbroker.wal import Wal, WalCorruption, WalNewerVersion
 from spinbroker.wal.files import write_file_durably
 from spinbroker.wal.frame import frame_end
+from spinbroker.wal.head import HEAD_NAME, write_head
 from spinbroker.wal.memfiles import MemoryFiles
 from spinbroker.wal.repair import repair
 from spinbroker.wal.snapshot import encode_snapshot, snapshot_name
@@ -311,15 +312,20 @@ async def test_repair_restarts_the_log_after_a_snapshot_past_its_end() -> None:
     assert kept and lost, segments
     for name in lost:
         fs.remove(D / name)
+    with pytest.raises(WalCorruption, match=f"{lost[-1]}, is missing"):  # the log head
+        open_wal(fs, keep_snapshots=2)
+    fs.remove(D / HEAD_NAME)  # as in a data dir from before the head: the snapshot tells
     refused = open_wal(fs, keep_snapshots=2)
     with pytest.raises(WalCorruption, match="past the end of the log"):
         refused.load()
     await refused.close()
+    write_head(fs, D, int(lost[-1][4:20], 16))
 
     report = repair(D, fs)
     assert report.remaining is None and report.truncated == []
     assert [p.name for p in report.moved] == kept
     assert "a segment is missing" in report.describe()
+    assert len(report.problems) == 1 and report.head_fixed  # told once: by the snapshot
     wal = open_wal(fs, keep_snapshots=2)
     snapshot, records = wal.load()
     assert snapshot is not None and snapshot.lsn == 40 and list(records) == []

@@ -18,9 +18,11 @@ import msgpack
 from spinbroker.wal.errors import WalCorruption, WalNewerVersion
 from spinbroker.wal.files import FileLayer, OsFiles
 from spinbroker.wal.frame import BadSegmentHeader, NewerSegment, decode_segment_header
+from spinbroker.wal.head import missing_newest, read_head
 from spinbroker.wal.reader import RecordError, iter_records
 from spinbroker.wal.recovery import ScannedSegment, first_problem, scan_directory
 from spinbroker.wal.repair import newer_version, repair
+from spinbroker.wal.segment import segment_name
 from spinbroker.wal.snapshot import BadSnapshot, choose_snapshot, list_snapshots, read_snapshot
 
 _MAX_REPR = 300
@@ -54,6 +56,7 @@ def inspect(
         if show_records:
             _print_records(files, segment, out, decode)
     _print_snapshots(files, directory, out)
+    _print_head(files, directory, out)
     verdict, opens = _verdict(files, directory, segments)
     print(f"status: {verdict}", file=out)
     return opens
@@ -100,6 +103,16 @@ def _print_snapshots(files: FileLayer, directory: Path, out: TextIO) -> None:
         print(f"  {path.name}  lsn {lsn}  {len(snapshot.body)} B body  ok", file=out)
 
 
+def _print_head(files: FileLayer, directory: Path, out: TextIO) -> None:
+    try:
+        head = read_head(files, directory)
+    except (WalCorruption, WalNewerVersion) as exc:
+        print(f"head: {exc}", file=out)
+        return
+    named = "none (the next start writes one)" if head is None else segment_name(head.first_lsn)
+    print(f"head: newest segment {named}", file=out)
+
+
 def _verdict(files: FileLayer, directory: Path, segments: list[ScannedSegment]) -> tuple[str, bool]:
     """A one-line status, and whether `Wal.open` plus `load` would succeed."""
     newer = newer_version(files, directory, segments)
@@ -108,6 +121,13 @@ def _verdict(files: FileLayer, directory: Path, segments: list[ScannedSegment]) 
     found = first_problem(segments)
     if found is not None and not found.torn:
         return f"CORRUPT: {found.file.name} offset {found.offset}: {found.detail}; repair", False
+    try:
+        head = read_head(files, directory)
+        lost = None if head is None else missing_newest(head, _newest(segments))
+    except WalCorruption as exc:
+        lost = exc
+    if lost is not None:
+        return f"CORRUPT: {lost.file.name}: {lost.detail}; repair", False
     if segments:
         try:
             first, end = segments[0].scan.first_lsn, segments[-1].scan.next_lsn
@@ -117,6 +137,10 @@ def _verdict(files: FileLayer, directory: Path, segments: list[ScannedSegment]) 
     if found is not None:
         return f"torn tail in {found.file.name} at offset {found.offset}; open will cut it", True
     return "ok", True
+
+
+def _newest(segments: list[ScannedSegment]) -> int | None:
+    return segments[-1].scan.first_lsn if segments else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

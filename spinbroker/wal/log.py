@@ -24,6 +24,9 @@ Every frame's checksums are verified once: `open` checks every segment frame by 
 keeps those bytes (up to `keep_checked_bytes`) for `load`, which replays them as they are;
 only a segment beyond that budget is read again, and then checked again frame by frame.
 
+The log head (head.py) names the newest segment: `open` brings it up to date, and so does
+every roll, so that a lost newest segment is refused rather than read as a shorter log.
+
 Retention: the newest `keep_snapshots` snapshots are kept, and the segments whose records
 are all covered by the oldest of them are deleted. With the default of 2, an invalid newest
 snapshot can still be recovered from the previous one plus the log.
@@ -33,6 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +50,7 @@ from spinbroker.wal.frame import (
     NewerSegment,
     decode_segment_header,
 )
+from spinbroker.wal.head import write_head
 from spinbroker.wal.reader import RecordError, iter_checked, iter_records
 from spinbroker.wal.recovery import KEEP_CHECKED_BYTES, Recovery, recover
 from spinbroker.wal.segment import SegmentList, SegmentWriter, allocate, create_segment
@@ -56,6 +62,8 @@ from spinbroker.wal.snapshot import (
     write_snapshot_file,
 )
 from spinbroker.wal.writer import FsyncMode, GroupCommit
+
+log = logging.getLogger("spinbroker.wal")
 
 MIN_SEGMENT_SIZE = 256
 
@@ -119,12 +127,15 @@ class Wal:
             preallocated = segment_size if preallocate else 0
             segments = SegmentList([(lsn, path) for lsn, path, _ in recovery.segments])
             if recovery.segments:
-                _, path, end = recovery.segments[-1]
+                newest, path, end = recovery.segments[-1]
                 handle = _open_active(files, path, preallocated)
             else:
-                path, handle = create_segment(files, directory, recovery.next_lsn, preallocated)
-                segments.add(recovery.next_lsn, path)
+                newest = recovery.next_lsn
+                path, handle = create_segment(files, directory, newest, preallocated)
+                segments.add(newest, path)
                 end = SEGMENT_HEADER_SIZE
+            if recovery.head != newest:  # none yet, or a crash came before its update
+                write_head(files, directory, newest)
         except BaseException:
             reader.close()
             raise
@@ -136,7 +147,7 @@ class Wal:
             next_lsn=recovery.next_lsn,
             segment_size=segment_size,
             preallocate=preallocate,
-            on_roll=segments.add,
+            on_roll=functools.partial(_rolled, files, directory, segments),
         )
         group = GroupCommit(writer, mode, batch_interval_ms, recovery.next_lsn)
         wal = cls(directory, files, recovery, group, segments, keep_snapshots, checked, reader)
@@ -339,3 +350,17 @@ def _open_active(files: FileLayer, path: Path, preallocate: int) -> WalFile:
         handle.close()
         raise
     return handle
+
+
+def _rolled(
+    files: FileLayer, directory: Path, segments: SegmentList, first_lsn: int, path: Path
+) -> None:
+    """A new newest segment, created durably (on the IO thread, in `SegmentWriter._roll`):
+    list it, then name it in the log head. A head that cannot be written lags behind, as
+    after a crash between the two steps: the segment is as good, and the next open brings
+    the head up to date; until then only the guard against losing this segment is off."""
+    segments.add(first_lsn, path)
+    try:
+        write_head(files, directory, first_lsn)
+    except OSError as exc:
+        log.warning("wal: could not name segment %s in the log head: %s", path.name, exc)

@@ -6,7 +6,8 @@ and `recover`, which `Wal.open` calls: it deletes leftover temp files, cuts a to
 newest segment (keeping the cut bytes in `<segment>.torn-<offset>` and logging a warning with
 file, offset and bytes dropped), and raises `WalCorruption` for anything else. A segment of
 a newer format version is no damage: for it, `recover` raises `WalNewerVersion` before it
-changes anything. Must never write records, and never repair corruption silently: that is
+changes anything. A newest segment older than the one the log head names is lost (head.py):
+`WalCorruption`. Must never write records, and never repair corruption silently: that is
 repair.py, run by a person.
 
 `recover` also hands back the bytes it checked (up to a memory budget), so that `Wal.load`
@@ -42,6 +43,7 @@ from spinbroker.wal.files import (
     write_file_durably,
 )
 from spinbroker.wal.frame import BadSegmentHeader, NewerSegment, decode_segment_header
+from spinbroker.wal.head import missing_newest, read_head
 from spinbroker.wal.reader import Damage, SegmentScan, scan_segment
 from spinbroker.wal.segment import TMP_SUFFIX, list_segments
 from spinbroker.wal.snapshot import list_snapshots
@@ -120,6 +122,8 @@ class Recovery:
     next_lsn: int
     torn: TornTail | None
     removed_temp: tuple[Path, ...]
+    #: The first LSN of the newest segment as the log head names it (None: no head yet).
+    head: int | None = None
 
 
 def check_segment(name_lsn: int, data: bytes) -> SegmentScan:
@@ -368,6 +372,11 @@ def recover(
     problem = first_problem(segments)
     if problem is not None and problem.newer:  # before changing anything, temp files too
         raise WalNewerVersion(problem.file, problem.detail)
+    head = read_head(files, directory)
+    if head is not None:
+        lost = missing_newest(head, segments[-1].scan.first_lsn if segments else None)
+        if lost is not None:
+            raise lost
     removed = _remove_temp_files(files, directory)
     torn = None
     if problem is not None:
@@ -380,7 +389,8 @@ def recover(
     else:
         first_lsn = next_lsn = snapshots[-1][0] + 1 if snapshots else 1
     checked = {s.path: s.data for s in segments if s.data is not None}
-    return Recovery(directory, listed, first_lsn, next_lsn, torn, removed), checked
+    head_lsn = None if head is None else head.first_lsn
+    return Recovery(directory, listed, first_lsn, next_lsn, torn, removed, head_lsn), checked
 
 
 def cut_tail(files: FileLayer, problem: Problem) -> TornTail:

@@ -6,10 +6,12 @@ drops the damaged segment (when a valid snapshot already covers all its records)
 truncates it at the damaged offset and moves the later segments into the backup (if a
 snapshot is then past the end of the cut log, it holds more state than the log: the log's
 remaining segments go aside instead, and the log restarts after the snapshot). Invalid
-snapshots are moved into the backup too. It returns what it did. Must never run implicitly:
-`Wal.open` refuses corruption, a person runs `spinbroker wal repair DATADIR`. Must never
-touch a log holding a segment or snapshot of a newer format version: that is no damage but
-a newer spinbroker's log, and cutting it would lose what that version wrote.
+snapshots are moved into the backup too, and a log head (head.py) that is damaged or names
+a segment that is gone is made to name the newest one left. It returns what it did. Must
+never run implicitly: `Wal.open` refuses corruption, a person runs `spinbroker wal repair
+DATADIR`. Must never touch a log holding a segment, snapshot or head of a newer format
+version: that is no damage but a newer spinbroker's log, and cutting it would lose what
+that version wrote.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from spinbroker.wal.files import (
     truncate_durably,
     write_file_durably,
 )
+from spinbroker.wal.head import head_path, missing_newest, read_head, write_head
 from spinbroker.wal.reader import frames_after
 from spinbroker.wal.recovery import Problem, ScannedSegment, first_problem, scan_directory
-from spinbroker.wal.segment import TMP_SUFFIX, SegmentList, list_segments
+from spinbroker.wal.segment import TMP_SUFFIX, SegmentList, list_segments, segment_name
 from spinbroker.wal.snapshot import BadSnapshot, choose_snapshot, list_snapshots, read_snapshot
 
 _MAX_ROUNDS = 1000
@@ -48,6 +51,10 @@ class RepairReport:
     moved: list[Path] = field(default_factory=list)
     #: Files whose damaged magic was put back (their originals are in the backup).
     restored: list[Path] = field(default_factory=list)
+    #: The log head was rewritten (it was damaged or named a segment that is gone), to name
+    #: the segment starting at `head_lsn`, or removed when none is left (`head_lsn` None).
+    head_fixed: bool = False
+    head_lsn: int | None = None
     #: Why the log still cannot be loaded, if it cannot.
     remaining: str | None = None
     #: LSNs [first, end) a cut took out of the log: records acknowledged once, and gone
@@ -59,7 +66,7 @@ class RepairReport:
 
     @property
     def changed(self) -> bool:
-        return bool(self.truncated or self.moved or self.restored)
+        return bool(self.truncated or self.moved or self.restored or self.head_fixed)
 
     def describe(self) -> str:
         lines = [f"wal repair of {self.directory}"]
@@ -76,6 +83,10 @@ class RepairReport:
             lines.append(f"  truncated {path.name} at offset {offset} (original kept)")
         for path in self.moved:
             lines.append(f"  moved {path.name} into the backup")
+        if self.head_fixed:
+            lsn = self.head_lsn
+            done = "removed (no segment is left)" if lsn is None else f"names {segment_name(lsn)}"
+            lines.append(f"  the log head now {done} (original kept)")
         if self.dropped is not None:
             first, end = self.dropped
             lines.append(
@@ -109,7 +120,8 @@ def repair(directory: Path, files: FileLayer | None = None) -> RepairReport:
         report.problems.append(problem)
         if not _drop_covered(files, directory, segments, problem, report):
             _truncate(files, directory, segments, problem, report)
-    _restart_after_snapshot(files, directory, scan_directory(files, directory), report)
+    restarted = _restart_after_snapshot(files, directory, scan_directory(files, directory), report)
+    _fix_head(files, directory, report, restarted)
     report.remaining = _check_loads(files, directory)
     return report
 
@@ -121,6 +133,12 @@ def newer_version(files: FileLayer, directory: Path, segments: list[ScannedSegme
     problem = first_problem(segments)
     if problem is not None and problem.newer:
         return f"{problem.file.name}: {problem.detail}"
+    try:
+        read_head(files, directory)
+    except WalNewerVersion as exc:
+        return f"{exc.file.name}: {exc.detail}"
+    except WalCorruption:
+        pass  # damage: `_fix_head`
     # The snapshots a start would read (choose_snapshot): newest first, up to the first
     # valid one. A newer version's snapshot behind that one is never read; it stays.
     for lsn, path in reversed(list_snapshots(files, directory)):
@@ -222,18 +240,18 @@ def _drop_covered(
 
 def _restart_after_snapshot(
     files: FileLayer, directory: Path, segments: list[ScannedSegment], report: RepairReport
-) -> None:
+) -> bool:
     """The newest valid snapshot goes past the end of the log: the log's newest segment
     is missing (deleted, lost with a disk). The snapshot holds everything the log did up
     to its LSN, so the log is set aside and restarts after it. Records past the
     snapshot's LSN, if the missing segment held any, are gone: nothing can bring them
-    back, and the report says so."""
+    back, and the report says so. Returns whether it did that."""
     snapshot_lsn = _newest_valid_snapshot(files, directory)
     if not segments or snapshot_lsn is None:
-        return
+        return False
     end = segments[-1].scan.next_lsn
     if snapshot_lsn < end:
-        return
+        return False
     detail = (
         f"the log ends before LSN {end} but snapshot {snapshot_lsn} goes past it: a segment "
         f"is missing; the log restarts after the snapshot (records after LSN "
@@ -243,6 +261,7 @@ def _restart_after_snapshot(
     report.problems.append(Problem(-1, last.path, last.scan.end, detail, False, 0))
     for segment in segments:
         _move(files, directory, segment.path, report)
+    return True
 
 
 def _truncate(
@@ -284,6 +303,36 @@ def _truncate(
     if first < end:
         earlier = report.dropped
         report.dropped = (first, end) if earlier is None else (min(first, earlier[0]), end)
+
+
+def _fix_head(files: FileLayer, directory: Path, report: RepairReport, restarted: bool) -> None:
+    """Make the log head name the newest segment left, if it is damaged or names one that
+    is gone: lost (reported here: whatever it held is gone, unless the log `restarted`
+    after a snapshot holding it) or set aside by this repair (reported with the cut). A
+    head naming an older segment is left to `Wal.open`."""
+    segments = list_segments(files, directory)
+    newest = segments[-1][0] if segments else None
+    path = head_path(directory)
+    try:
+        head = read_head(files, directory)
+    except WalCorruption as exc:
+        report.problems.append(Problem(-1, path, exc.offset, exc.detail, False, 0))
+    else:
+        lost = None if head is None else missing_newest(head, newest)
+        if lost is None:
+            return
+        assert head is not None
+        if not restarted and directory / segment_name(head.first_lsn) not in report.moved:
+            report.problems.append(Problem(-1, path, 0, lost.detail, False, 0))
+    backup = _backup(files, directory, report)
+    write_file_durably(files, backup / path.name, files.read(path))
+    files.sync_dir(backup)
+    if newest is None:
+        files.remove(path)
+        files.sync_dir(directory)
+    else:
+        write_head(files, directory, newest)
+    report.head_fixed, report.head_lsn = True, newest
 
 
 def _end_after(data: bytes, offset: int, lsn: int) -> int:
