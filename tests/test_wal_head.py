@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 
 import pytest
+from crc32c import crc32c
 
 from spinbroker.wal import Wal, WalCorruption, WalNewerVersion
 from spinbroker.wal.files import OsFiles
@@ -105,14 +106,28 @@ async def test_a_damaged_head_refuses_to_open_until_repaired(tmp_path: Path) -> 
 async def test_a_newer_version_s_head_is_refused_and_left_alone(tmp_path: Path) -> None:
     await write_log(tmp_path, BODIES[:3])
     path = tmp_path / HEAD_NAME
-    newer = bytearray(encode_head(1))
-    newer[7] = 2  # the version byte; its checksum no longer fits, as it would not for v2
-    path.write_bytes(bytes(newer))
+    body = b"SPBHEAD" + bytes([2]) + (1).to_bytes(8, "little")  # as a version 2 would write
+    newer = body + crc32c(body).to_bytes(4, "little")
+    path.write_bytes(newer)
     with pytest.raises(WalNewerVersion, match="log head version 2"):
         Wal.open(tmp_path)
     report = repair(tmp_path)
     assert report.refused is not None and "log head version 2" in report.refused
-    assert path.read_bytes() == bytes(newer)
+    assert path.read_bytes() == newer
+
+
+async def test_a_damaged_version_byte_is_damage_not_a_newer_head(tmp_path: Path) -> None:
+    """The checksum fits this version's number: the byte was damaged (as for segments)."""
+    await write_log(tmp_path, BODIES[:3])
+    path = tmp_path / HEAD_NAME
+    damaged = bytearray(encode_head(1))
+    damaged[7] = 2
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(WalCorruption, match="log head is damaged"):
+        Wal.open(tmp_path)
+    report = repair(tmp_path)
+    assert report.refused is None and report.remaining is None and report.head_fixed
+    assert await read_log(tmp_path) == BODIES[:3]
 
 
 async def test_repair_that_sets_segments_aside_renames_the_head_quietly(tmp_path: Path) -> None:

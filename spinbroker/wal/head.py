@@ -15,7 +15,8 @@ dir without a head (made before it existed) gets one.
 
 Format, 20 bytes: magic ``SPBHEAD``, a version byte (1), the u64 first LSN of the newest
 segment (little-endian), and the CRC32C of those 16 bytes. A head of a newer version is a
-newer spinbroker's (`WalNewerVersion`); one that fails its checksum is damage.
+newer spinbroker's (`WalNewerVersion`), unless its checksum fits this version's number in
+its place (then that byte is damaged); one that fails its checksum is damage.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def read_head(files: FileLayer, directory: Path) -> Head | None:
     if HEAD_NAME not in files.listdir(directory):
         return None
     data = files.read(path)
-    if len(data) >= _BODY.size and data.startswith(MAGIC_PREFIX):
+    if len(data) == SIZE and data.startswith(MAGIC_PREFIX) and not _fits_this_version(data):
         version = data[len(MAGIC_PREFIX)]
         if version > VERSION:
             raise WalNewerVersion(
@@ -76,6 +77,13 @@ def read_head(files: FileLayer, directory: Path) -> Head | None:
     if magic != MAGIC_PREFIX or version != VERSION:
         raise WalCorruption(path, 0, "the log head is damaged (magic)")
     return Head(path, first_lsn)
+
+
+def _fits_this_version(data: bytes) -> bool:
+    """Whether the checksum fits the head with this version's number in it: then a higher
+    number there is a damaged byte, not a newer spinbroker's head (as for segments)."""
+    body = MAGIC_PREFIX + bytes([VERSION]) + data[len(MAGIC_PREFIX) + 1 : _BODY.size]
+    return bool(crc32c(body) == _CRC.unpack_from(data, _BODY.size)[0])
 
 
 def write_head(files: FileLayer, directory: Path, first_lsn: int) -> None:
