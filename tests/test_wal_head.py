@@ -4,6 +4,7 @@ in the head, and a data dir made before heads existed, open as before."""
 
 from __future__ import annotations
 
+import errno
 import io
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from spinbroker.wal import Wal, WalCorruption, WalNewerVersion
 from spinbroker.wal.files import OsFiles
 from spinbroker.wal.head import HEAD_NAME, encode_head, read_head, write_head
 from spinbroker.wal.inspect import inspect
+from spinbroker.wal.memfiles import MemoryFiles
 from spinbroker.wal.repair import repair
 from spinbroker.wal.segment import list_segments
 
@@ -25,6 +27,11 @@ SMALL = {"segment_size": 512, "preallocate": False}
 
 def head_lsn(directory: Path) -> int | None:
     head = read_head(OsFiles(), directory)
+    return None if head is None else head.first_lsn
+
+
+def head_lsn_in(fs: MemoryFiles, directory: Path) -> int | None:
+    head = read_head(fs, directory)
     return None if head is None else head.first_lsn
 
 
@@ -114,6 +121,60 @@ async def test_a_newer_version_s_head_is_refused_and_left_alone(tmp_path: Path) 
     report = repair(tmp_path)
     assert report.refused is not None and "log head version 2" in report.refused
     assert path.read_bytes() == newer
+
+
+async def test_a_newer_head_of_another_size_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """A newer version may lay its head out otherwise (h13): its size is no damage."""
+    await write_log(tmp_path, BODIES[:3])
+    path = tmp_path / HEAD_NAME
+    body = b"SPBHEAD" + bytes([2]) + (1).to_bytes(8, "little") + (7).to_bytes(8, "little")
+    newer = body + crc32c(body).to_bytes(4, "little")
+    path.write_bytes(newer)
+    out = io.StringIO()
+    assert not inspect(tmp_path, out)
+    assert "NEWER VERSION" in out.getvalue() and "CORRUPT" not in out.getvalue()
+    with pytest.raises(WalNewerVersion, match="log head version 2"):
+        Wal.open(tmp_path)
+    assert repair(tmp_path).refused is not None
+    assert path.read_bytes() == newer
+
+
+async def test_a_full_disk_neither_fails_a_roll_nor_a_start_over_the_head(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The head is only a guard (h13): a disk too full to write it lags the head behind,
+    with a warning, as a crash between a roll and the head's update would; every commit
+    and the next start go on as before the head existed."""
+    fs = MemoryFiles()
+    directory = Path("/data")
+    options = {"segment_size": 512, "preallocate": False, "files": fs}
+    wal, _ = Wal.open(directory, fsync="always", **options)  # type: ignore[arg-type]
+    fs.fail("write", errno.ENOSPC, path_contains=HEAD_NAME)
+    for body in BODIES:
+        wal.append(body)
+        await wal.commit()
+    await wal.close()
+    assert "could not name segment" in caplog.text
+    assert head_lsn_in(fs, directory) == 1  # lagging: every roll's update failed
+
+    wal, _ = Wal.open(directory, fsync="always", **options)  # type: ignore[arg-type]
+    _, records = wal.load()
+    assert [body for _, body in records] == BODIES
+    await wal.close()
+
+    fs.heal()
+    wal, _ = Wal.open(directory, fsync="always", **options)  # type: ignore[arg-type]
+    await wal.close()
+    assert head_lsn_in(fs, directory) == list_segments(fs, directory)[-1][0]
+
+
+async def test_a_leftover_head_temp_file_is_removed_at_open(tmp_path: Path) -> None:
+    await write_log(tmp_path, BODIES[:3])
+    leftover = tmp_path / (HEAD_NAME + ".tmp")
+    leftover.write_bytes(b"SPBHE")  # a crash in the middle of write_head
+    wal, recovery = Wal.open(tmp_path)
+    await wal.close()
+    assert leftover in recovery.removed_temp and not leftover.exists()
 
 
 async def test_a_damaged_version_byte_is_damage_not_a_newer_head(tmp_path: Path) -> None:

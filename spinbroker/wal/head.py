@@ -15,8 +15,10 @@ dir without a head (made before it existed) gets one.
 
 Format, 20 bytes: magic ``SPBHEAD``, a version byte (1), the u64 first LSN of the newest
 segment (little-endian), and the CRC32C of those 16 bytes. A head of a newer version is a
-newer spinbroker's (`WalNewerVersion`), unless its checksum fits this version's number in
-its place (then that byte is damaged); one that fails its checksum is damage.
+newer spinbroker's (`WalNewerVersion`), whatever its size, unless it is this version's size
+and its checksum fits this version's number in its place (then that byte is damaged); one
+that fails its checksum is damage. A head that cannot be written (a full disk) is only a
+guard that lags: the writers log a warning and carry on.
 """
 
 from __future__ import annotations
@@ -63,9 +65,10 @@ def read_head(files: FileLayer, directory: Path) -> Head | None:
     if HEAD_NAME not in files.listdir(directory):
         return None
     data = files.read(path)
-    if len(data) == SIZE and data.startswith(MAGIC_PREFIX) and not _fits_this_version(data):
+    if len(data) > len(MAGIC_PREFIX) and data.startswith(MAGIC_PREFIX):
         version = data[len(MAGIC_PREFIX)]
-        if version > VERSION:
+        # Whatever its size: a newer version may lay its head out otherwise.
+        if version > VERSION and not (len(data) == SIZE and _fits_this_version(data)):
             raise WalNewerVersion(
                 path,
                 f"log head version {version} (this spinbroker reads {VERSION}): likely "
@@ -87,7 +90,8 @@ def _fits_this_version(data: bytes) -> bool:
 
 
 def write_head(files: FileLayer, directory: Path, first_lsn: int) -> None:
-    """Durably replace the head by one naming the segment that starts at `first_lsn`."""
+    """Durably replace the head by one naming the segment that starts at `first_lsn`.
+    Raises OSError; the head is then as it was (a leftover temp file is harmless)."""
     path = head_path(directory)
     tmp = path.with_name(path.name + TMP_SUFFIX)
     with contextlib.suppress(FileNotFoundError):

@@ -134,11 +134,11 @@ class Wal:
                 path, handle = create_segment(files, directory, newest, preallocated)
                 segments.add(newest, path)
                 end = SEGMENT_HEADER_SIZE
-            if recovery.head != newest:  # none yet, or a crash came before its update
-                write_head(files, directory, newest)
         except BaseException:
             reader.close()
             raise
+        if recovery.head != newest:  # none yet, or a crash came before its update
+            _name_in_head(files, directory, newest, path)
         writer = SegmentWriter(
             files,
             directory,
@@ -355,11 +355,17 @@ def _open_active(files: FileLayer, path: Path, preallocate: int) -> WalFile:
 def _rolled(
     files: FileLayer, directory: Path, segments: SegmentList, first_lsn: int, path: Path
 ) -> None:
-    """A new newest segment, created durably (on the IO thread, in `SegmentWriter._roll`):
-    list it, then name it in the log head. A head that cannot be written lags behind, as
-    after a crash between the two steps: the segment is as good, and the next open brings
-    the head up to date; until then only the guard against losing this segment is off."""
+    """A new newest segment, created durably (by `SegmentWriter._roll`, on whichever thread
+    flushes): list it, then name it in the log head."""
     segments.add(first_lsn, path)
+    _name_in_head(files, directory, first_lsn, path)
+
+
+def _name_in_head(files: FileLayer, directory: Path, first_lsn: int, path: Path) -> None:
+    """Name the newest segment in the log head. A head that cannot be written (a full disk)
+    lags behind, as after a crash between creating a segment and naming it: the log is as
+    good, and a later open or roll brings the head up to date; until then only the guard
+    against losing this segment is off, so this neither fails a commit nor a start."""
     try:
         write_head(files, directory, first_lsn)
     except OSError as exc:

@@ -43,7 +43,7 @@ from spinbroker.wal.files import (
     write_file_durably,
 )
 from spinbroker.wal.frame import BadSegmentHeader, NewerSegment, decode_segment_header
-from spinbroker.wal.head import missing_newest, read_head
+from spinbroker.wal.head import HEAD_NAME, missing_newest, read_head
 from spinbroker.wal.reader import Damage, SegmentScan, scan_segment
 from spinbroker.wal.segment import TMP_SUFFIX, list_segments
 from spinbroker.wal.snapshot import list_snapshots
@@ -424,10 +424,14 @@ def _unused_name(files: FileLayer, path: Path) -> Path:
 
 
 def _remove_temp_files(files: FileLayer, directory: Path) -> tuple[Path, ...]:
-    """Temp files are half-made segments, snapshots or torn copies: never part of the log."""
+    """Temp files are half-made segments, snapshots, torn copies or log heads: never part
+    of the log."""
     removed = []
     for name in files.listdir(directory):
-        if name.endswith(TMP_SUFFIX) and (name.startswith("wal-") or name.startswith("snap-")):
+        half_made = (
+            name.startswith("wal-") or name.startswith("snap-") or name == HEAD_NAME + TMP_SUFFIX
+        )
+        if name.endswith(TMP_SUFFIX) and half_made:
             files.remove(directory / name)
             removed.append(directory / name)
     if removed:
