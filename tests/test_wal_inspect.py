@@ -9,7 +9,9 @@ import msgpack
 import pytest
 
 from spinbroker.wal import Wal
+from spinbroker.wal.head import HEAD_NAME
 from spinbroker.wal.inspect import decode_msgpack, inspect, main
+from spinbroker.wal.repair import repair
 from spinbroker.wal.segment import segment_name
 from spinbroker.wal.snapshot import snapshot_name
 
@@ -103,3 +105,63 @@ async def test_main_inspect_and_repair(tmp_path: Path, capsys: pytest.CaptureFix
     assert "truncated" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path)]) == 0
     assert main(["inspect", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("kind", ["segment", "snapshot", "head"])
+async def test_repair_not_newer_takes_a_header_damaged_twice_for_damage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """A header damaged in its version *and* elsewhere fits no checksum, so it reads as a
+    newer version's and plain repair leaves it alone. `--not-newer FILE`, a person's word
+    that no newer spinbroker wrote it, puts this version's magic back (original kept), and
+    the rest is repaired as damage."""
+    await make_log(tmp_path)
+    path = {
+        "segment": sorted(tmp_path.glob("wal-*.log"))[-1],
+        "snapshot": tmp_path / snapshot_name(5),
+        "head": tmp_path / HEAD_NAME,
+    }[kind]
+    data = bytearray(path.read_bytes())
+    data[7] = 2  # the version (the low byte of a segment's u16) ...
+    data[9] ^= 0x01  # ... and the LSN after it: no checksum fits any more
+    path.write_bytes(bytes(data))
+    assert main(["repair", str(tmp_path)]) == 1
+    assert "refused, nothing changed" in capsys.readouterr().out
+
+    code = main(["repair", str(tmp_path), "--not-newer", path.name])
+    out = capsys.readouterr().out
+    assert "refused" not in out and f"restored the header magic of {path.name}" in out
+    backups = list(tmp_path.glob("repair-*"))
+    assert len(backups) == 1 and (backups[0] / path.name).read_bytes() == bytes(data)
+    if kind == "snapshot":
+        # The snapshot is set aside as invalid; the log it covered is gone (retention).
+        assert f"moved {path.name} into the backup" in out
+        return
+    assert code == 0 and "the log opens" in out
+    assert main(["inspect", str(tmp_path)]) == 0
+    capsys.readouterr()
+
+
+def test_repair_not_newer_names_a_file_of_the_log(tmp_path: Path) -> None:
+    assert main(["repair", str(tmp_path), "--not-newer", "wal-0000000000000009.log"]) == 2
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["repair", str(tmp_path), "--not-newer", "notes.txt"]) == 2
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+async def test_repair_keeps_every_version_of_a_file_it_changes_twice(tmp_path: Path) -> None:
+    """A segment with a damaged magic *and* a damaged record: repair puts the magic back,
+    then cuts at the record. Both steps keep what they found (once the second one failed
+    on the first one's copy, File exists), the original under its own name."""
+    await make_log(tmp_path)
+    path = sorted(tmp_path.glob("wal-*.log"))[-2]
+    original = bytearray(path.read_bytes())
+    original[7] = 2  # the version alone: this version's checksum still fits
+    original[-5] ^= 0x01  # and a record
+    path.write_bytes(bytes(original))
+    report = repair(tmp_path)
+    assert report.remaining is None and report.restored == [path] and report.truncated
+    assert report.backup is not None
+    assert (report.backup / path.name).read_bytes() == bytes(original)
+    restored = (report.backup / f"{path.name}.1").read_bytes()
+    assert restored[7] == 1 and restored[8:] == bytes(original[8:])

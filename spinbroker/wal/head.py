@@ -37,6 +37,7 @@ from spinbroker.wal.segment import TMP_SUFFIX, segment_name
 HEAD_NAME = "wal.head"
 MAGIC_PREFIX = b"SPBHEAD"
 VERSION = 1
+MAGIC = MAGIC_PREFIX + bytes((VERSION,))
 _BODY = struct.Struct("<7sBQ")
 _CRC = struct.Struct("<I")
 SIZE = _BODY.size + _CRC.size

@@ -157,6 +157,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("--raw", action="store_true", help="print bodies as bytes, not msgpack")
     fix = commands.add_parser("repair", help="truncate at corruption, keeping a backup")
     fix.add_argument("directory", type=Path)
+    fix.add_argument(
+        "--not-newer",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="a segment, snapshot or wal.head that no newer spinbroker wrote, though its "
+        "header reads as a newer version's (damaged in its version and elsewhere): repair "
+        "it as damage (repeatable)",
+    )
     args = parser.parse_args(argv)
     if not args.directory.is_dir():
         print(f"spinbroker wal: {args.directory} is not a directory", file=sys.stderr)
@@ -164,7 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "inspect":
         decode = repr if args.raw else None
         return 0 if inspect(args.directory, sys.stdout, args.records, decode) else 1
-    report = repair(args.directory)
+    try:
+        report = repair(args.directory, not_newer=args.not_newer)
+    except FileNotFoundError as exc:
+        print(f"spinbroker wal: {exc}", file=sys.stderr)
+        return 2
     print(report.describe())
     return 0 if report.remaining is None else 1
 

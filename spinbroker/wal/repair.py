@@ -17,6 +17,7 @@ that version wrote.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +30,30 @@ from spinbroker.wal.files import (
     truncate_durably,
     write_file_durably,
 )
-from spinbroker.wal.head import head_path, missing_newest, read_head, write_head
+from spinbroker.wal.head import (
+    HEAD_NAME,
+    head_path,
+    missing_newest,
+    read_head,
+    write_head,
+)
+from spinbroker.wal.head import MAGIC as HEAD_MAGIC
 from spinbroker.wal.reader import frames_after
 from spinbroker.wal.recovery import Problem, ScannedSegment, first_problem, scan_directory
-from spinbroker.wal.segment import TMP_SUFFIX, SegmentList, list_segments, segment_name
-from spinbroker.wal.snapshot import BadSnapshot, choose_snapshot, list_snapshots, read_snapshot
+from spinbroker.wal.segment import (
+    TMP_SUFFIX,
+    SegmentList,
+    list_segments,
+    parse_segment_name,
+    segment_name,
+)
+from spinbroker.wal.snapshot import (
+    BadSnapshot,
+    choose_snapshot,
+    list_snapshots,
+    parse_snapshot_name,
+    read_snapshot,
+)
 
 _MAX_ROUNDS = 1000
 
@@ -102,10 +122,20 @@ class RepairReport:
         return "\n".join(lines)
 
 
-def repair(directory: Path, files: FileLayer | None = None) -> RepairReport:
-    """Make `directory` a log that opens and loads, keeping every changed file in a backup."""
+def repair(
+    directory: Path, files: FileLayer | None = None, not_newer: Collection[str] = ()
+) -> RepairReport:
+    """Make `directory` a log that opens and loads, keeping every changed file in a backup.
+
+    `not_newer` names files of `directory` that a person knows no newer spinbroker wrote
+    (`wal repair --not-newer FILE`): a header damaged in its version *and* elsewhere fits
+    no checksum and reads as a newer version's, which repair must otherwise leave alone.
+    Their magic is put back to this version's first, as for a damaged magic alone (the
+    originals are kept), and what is still damaged is then repaired as any damage.
+    Raises FileNotFoundError for a name that is not a segment, snapshot or the head there."""
     files = files if files is not None else OsFiles()
     report = RepairReport(directory)
+    _assume_this_version(files, directory, not_newer, report)
     report.refused = newer_version(files, directory, scan_directory(files, directory))
     if report.refused is not None:
         report.remaining = report.refused
@@ -161,18 +191,42 @@ def _restore_magic(files: FileLayer, directory: Path, report: RepairReport) -> N
     for path, is_segment in paths:
         data = files.read(path)
         if is_segment and frame.damaged_magic_only(data):
-            magic = frame.SEGMENT_MAGIC
+            _put_magic_back(files, directory, path, data, frame.SEGMENT_MAGIC, report)
         elif not is_segment and snapshot.damaged_magic_only(data):
+            _put_magic_back(files, directory, path, data, snapshot.MAGIC, report)
+
+
+def _assume_this_version(
+    files: FileLayer, directory: Path, names: Collection[str], report: RepairReport
+) -> None:
+    """Put this version's magic back into the files a person says no newer spinbroker
+    wrote (see `repair`), keeping the originals."""
+    present = set(files.listdir(directory))
+    for name in names:
+        if name not in present:
+            raise FileNotFoundError(f"{directory / name}: no such file in the log")
+        if parse_segment_name(name) is not None:
+            magic = frame.SEGMENT_MAGIC
+        elif parse_snapshot_name(name) is not None:
             magic = snapshot.MAGIC
+        elif name == HEAD_NAME:
+            magic = HEAD_MAGIC
         else:
-            continue
-        backup = _backup(files, directory, report)
-        write_file_durably(files, backup / path.name, data)
-        files.sync_dir(backup)
-        fixed = path.with_name(path.name + TMP_SUFFIX)
-        write_file_durably(files, fixed, magic + data[len(magic) :])
-        rename_durably(files, fixed, path)
-        report.restored.append(path)
+            raise FileNotFoundError(f"{directory / name}: not a segment, snapshot or head")
+        path = directory / name
+        data = files.read(path)
+        if not data.startswith(magic):
+            _put_magic_back(files, directory, path, data, magic, report)
+
+
+def _put_magic_back(
+    files: FileLayer, directory: Path, path: Path, data: bytes, magic: bytes, report: RepairReport
+) -> None:
+    _keep_copy(files, directory, report, path, data)
+    fixed = path.with_name(path.name + TMP_SUFFIX)
+    write_file_durably(files, fixed, magic + data[len(magic) :])
+    rename_durably(files, fixed, path)
+    report.restored.append(path)
 
 
 def _backup(files: FileLayer, directory: Path, report: RepairReport) -> Path:
@@ -188,10 +242,30 @@ def _backup(files: FileLayer, directory: Path, report: RepairReport) -> Path:
     return report.backup
 
 
-def _move(files: FileLayer, directory: Path, path: Path, report: RepairReport) -> None:
+def _backup_path(files: FileLayer, directory: Path, report: RepairReport, name: str) -> Path:
+    """An unused name for `name` in the backup: a file kept twice in one repair (its magic
+    put back, then cut or moved) keeps every version, the original under its own name."""
     backup = _backup(files, directory, report)
-    files.rename(path, backup / path.name)
-    files.sync_dir(backup)
+    taken = set(files.listdir(backup))
+    candidate, n = name, 0
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}.{n}"
+    return backup / candidate
+
+
+def _keep_copy(
+    files: FileLayer, directory: Path, report: RepairReport, path: Path, data: bytes
+) -> None:
+    target = _backup_path(files, directory, report, path.name)
+    write_file_durably(files, target, data)
+    files.sync_dir(target.parent)
+
+
+def _move(files: FileLayer, directory: Path, path: Path, report: RepairReport) -> None:
+    target = _backup_path(files, directory, report, path.name)
+    files.rename(path, target)
+    files.sync_dir(target.parent)
     files.sync_dir(directory)
     report.moved.append(path)
 
@@ -279,9 +353,7 @@ def _truncate(
         _move(files, directory, damaged.path, report)
         next_lsn = damaged.scan.first_lsn
     else:
-        backup = _backup(files, directory, report)
-        write_file_durably(files, backup / damaged.path.name, original)
-        files.sync_dir(backup)
+        _keep_copy(files, directory, report, damaged.path, original)
         truncate_durably(files, damaged.path, problem.offset)
         report.truncated.append((damaged.path, problem.offset))
         next_lsn = damaged.scan.next_lsn
@@ -324,9 +396,7 @@ def _fix_head(files: FileLayer, directory: Path, report: RepairReport, restarted
         assert head is not None
         if not restarted and directory / segment_name(head.first_lsn) not in report.moved:
             report.problems.append(Problem(-1, path, 0, lost.detail, False, 0))
-    backup = _backup(files, directory, report)
-    write_file_durably(files, backup / path.name, files.read(path))
-    files.sync_dir(backup)
+    _keep_copy(files, directory, report, path, files.read(path))
     if newest is None:
         files.remove(path)
         files.sync_dir(directory)
