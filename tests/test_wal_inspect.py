@@ -165,3 +165,15 @@ async def test_repair_keeps_every_version_of_a_file_it_changes_twice(tmp_path: P
     assert (report.backup / path.name).read_bytes() == bytes(original)
     restored = (report.backup / f"{path.name}.1").read_bytes()
     assert restored[7] == 1 and restored[8:] == bytes(original[8:])
+
+
+@pytest.mark.parametrize("command", ["inspect", "repair"])
+def test_an_unreadable_file_stops_with_a_message_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    (tmp_path / segment_name(1)).mkdir()  # a directory where a segment should be
+    assert main([command, str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"spinbroker wal {command}: stopped: " in err and "Is a directory" in err
+    extra = ["--not-newer", segment_name(1)] if command == "repair" else []
+    assert main([command, str(tmp_path), *extra]) == 1

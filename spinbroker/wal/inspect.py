@@ -170,14 +170,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.directory.is_dir():
         print(f"spinbroker wal: {args.directory} is not a directory", file=sys.stderr)
         return 2
-    if args.command == "inspect":
-        decode = repr if args.raw else None
-        return 0 if inspect(args.directory, sys.stdout, args.records, decode) else 1
     try:
+        if args.command == "inspect":
+            decode = repr if args.raw else None
+            return 0 if inspect(args.directory, sys.stdout, args.records, decode) else 1
         report = repair(args.directory, not_newer=args.not_newer)
-    except FileNotFoundError as exc:
+    except FileNotFoundError as exc:  # --not-newer names no file of the log
         print(f"spinbroker wal: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # unreadable (a directory where a file should be, permissions)
+        print(f"spinbroker wal {args.command}: stopped: {exc}", file=sys.stderr)
+        return 1
     print(report.describe())
     return 0 if report.remaining is None else 1
 
