@@ -297,3 +297,29 @@ async def test_io_thread_starts_with_its_first_job_and_stops_idle() -> None:
     assert running("test-io-lazy")
     io.stop()
     assert not running("test-io-lazy")
+
+
+@pytest.mark.parametrize("mode", ["off", "batch"])
+async def test_a_segment_roll_syncs_off_the_loop_in_every_mode(mode: str) -> None:
+    """Without an fdatasync a flush is a page-cache write on the loop thread, but one that
+    starts a new segment syncs the old one, the directory and the log head: those run on
+    the IO thread, or every roll would stall the loop."""
+    fs = MemoryFiles()
+    wal = open_wal(fs, fsync=mode, batch_interval_ms=60_000)
+    loop_thread = threading.current_thread().name
+    syncs: list[tuple[str, str]] = []
+    for op in ("datasync", "sync", "sync_dir"):
+        fs.hooks[op] = functools.partial(
+            lambda op, path: syncs.append((op, threading.current_thread().name)), op
+        )
+    for i in range(100):  # 100 KiB of records: at least one roll of a 64 KiB segment
+        wal.append(b"%d" % i + b"x" * 1024)
+        await wal.commit()
+    fs.hooks.clear()
+    assert len(fs.listdir(D)) >= 3  # two segments and the head: it rolled
+    assert syncs and all(thread != loop_thread for _, thread in syncs), syncs
+    await wal.close()
+    reopened = open_wal(fs)
+    _, records = reopened.load()
+    assert [lsn for lsn, _ in records] == list(range(1, 101))
+    await reopened.close()

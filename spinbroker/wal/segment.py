@@ -165,6 +165,12 @@ class SegmentWriter:
             self._needs_rewind = True
             raise
 
+    @property
+    def rolls_next(self) -> bool:
+        """Whether the next write starts a new segment (seals this one: an fdatasync, a
+        directory sync and the head's update, see `_roll`)."""
+        return self._written_offset >= self._segment_size
+
     def seal(self) -> None:
         """Sync whatever is written (used on close, in every fsync mode)."""
         self.flush([], self._last_lsn, sync=True)

@@ -7,7 +7,8 @@ flush runs goes out together in the next one, framed as one batch (frame.py), so
 concurrent committers cost about one sync per flush, not N, and the frame's header and
 checksums are paid per flush, not per record. A flush without an fdatasync (modes `off`, and `batch`
 between syncs) is only a write to the page cache and runs on the event-loop thread itself:
-the hand-off to the thread and back cost more than the write. Must never fdatasync on the
+the hand-off to the thread and back cost more than the write; unless it starts a new
+segment, which syncs the old one and the directory. Must never fdatasync on the
 event-loop thread, and must never release a `commit()` before the flush that covers its LSN
 has returned.
 
@@ -246,10 +247,11 @@ class GroupCommit:
         if sync:
             self._last_sync = self._flush_started
             self._sync_due = False
-        if not sync:
+        if not sync and not self._writer.rolls_next:
             # Without an fdatasync the write only reaches the page cache: cheaper here than
             # the round trip to the IO thread and back (nothing else writes meanwhile:
-            # no flush is in flight).
+            # no flush is in flight). A write that starts a new segment syncs the old one
+            # and the directory, so it goes to the IO thread like a sync.
             failure: BaseException | None = None
             try:
                 self._writer.flush(frames, last, False)
