@@ -62,6 +62,11 @@ READS = frozenset({"HELLO", "PING", "HELP", "STATUS", "STATS", "WAIT", "QUIT"})
 TEXT_BACKLOG_MAX = 1000
 #: After a failed write, how long the committer waits before asking the log again.
 STORAGE_RETRY_SECONDS = 0.1
+#: The longest the timer pass waits between looks at the clock. Its timer runs on the event
+#: loop's clock, which stops while the machine is suspended; the deadlines are on the
+#: server's clock, which counts that sleep (clock.py). So after a resume a deadline that
+#: passed during the sleep is met within this long, not a whole sleep late.
+TICK_CHECK_SECONDS = 1.0
 #: Every this many records, the objects alive are moved out of the cyclic collector's way
 #: (gc.freeze). Without it a full collection walks the whole state: 1.6 s pauses while a
 #: broker grows to 1M queued commands (bench/RESULTS.md); with it a
@@ -886,9 +891,9 @@ class Server:
             return
         if self._tick_handle is not None:
             self._tick_handle.cancel()
-        self._tick_at = when
-        delay = max(0.0, when - self.clock())
-        self._tick_handle = self.loop.call_later(delay, self._tick)
+        now = self.clock()
+        self._tick_at = min(when, now + TICK_CHECK_SECONDS)
+        self._tick_handle = self.loop.call_later(max(0.0, self._tick_at - now), self._tick)
 
     def _tick(self) -> None:
         self._tick_handle = None

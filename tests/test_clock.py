@@ -9,16 +9,20 @@ CLOCK_MONOTONIC and CLOCK_BOOTTIME alone.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 from pathlib import Path
 
 import pytest
 
+from spinbroker import server as server_module
 from spinbroker.client import Client, PackageStatus
 from spinbroker.clock import SteadyWallClock, elapsed_seconds
+from spinbroker.server import Server
 
 from .test_crash import crashtest
+from .test_durability import make_config
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
@@ -98,3 +102,31 @@ async def test_a_broker_keeps_its_leases_and_packages_across_a_clock_step(
             assert await c.complete(held, True, delivery=taken.delivery) == "succeeded"
     finally:
         await broker.kill()
+
+
+@pytest.mark.timeout(30)
+async def test_a_deadline_passed_during_a_suspend_is_met_soon_after_the_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A suspended machine's sleep moves the server's clock (CLOCK_BOOTTIME) but not the
+    event loop's, on which the timer pass is scheduled. Before the fix a lease of 60 s whose
+    deadline passed in a 2 h sleep was ended 60 s of the loop's time after it was taken:
+    the agent parked behind it waited out the whole minute after the resume. Now the timer
+    pass looks at the server's clock at least every TICK_CHECK_SECONDS."""
+    monkeypatch.setattr(server_module, "TICK_CHECK_SECONDS", 0.05)
+    clock = Source(1_800_000_000.0)
+    server = Server(make_config(tmp_path), clock=clock)
+    await server.start()
+    try:
+        async with await Client.connect(server.socket_path, timeout=5) as c:
+            _, (held,) = await c.submit([{"resource": "disk", "action": "mkfs"}])
+            taken = await c.next("disk", timeout=5, ttr=60)
+            assert taken is not None and taken.id == held
+            async with await Client.connect(server.socket_path, timeout=5) as other:
+                parked = asyncio.ensure_future(other.next("disk", timeout=20))
+                await other.ping()  # answered after the NEXT was read: it is parked
+                clock.now += 7200.0  # the machine slept 2 h; the loop's clock did not move
+                again = await asyncio.wait_for(parked, 10)
+                assert again is not None and (again.id, again.delivery) == (held, 2)
+    finally:
+        await server.stop()
