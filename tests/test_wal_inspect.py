@@ -177,3 +177,80 @@ def test_an_unreadable_file_stops_with_a_message_not_a_traceback(
     assert f"spinbroker wal {command}: stopped: " in err and "Is a directory" in err
     extra = ["--not-newer", segment_name(1)] if command == "repair" else []
     assert main([command, str(tmp_path), *extra]) == 1
+
+
+def damage_twice(path: Path) -> bytes:
+    """Damage `path`'s header in its version and in the byte after: it reads as a newer
+    version's. Returns the damaged content."""
+    data = bytearray(path.read_bytes())
+    data[7] = 2
+    data[9] ^= 0x01
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def directory_state(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("second", ["nosuch.log", "notes.txt", "./{name}"])
+async def test_repair_not_newer_checks_every_name_before_it_changes_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], second: str
+) -> None:
+    """Review h15: the first name's magic was put back (and a backup folder made) before
+    a bad second name stopped repair with exit 2, 'nothing changed' implied."""
+    await make_log(tmp_path)
+    path = sorted(tmp_path.glob("wal-*.log"))[-1]
+    damage_twice(path)
+    (tmp_path / "notes.txt").write_text("mine")
+    before = directory_state(tmp_path)
+    bad = second.format(name=path.name)
+    assert main(["repair", str(tmp_path), "--not-newer", path.name, "--not-newer", bad]) == 2
+    err = capsys.readouterr().err
+    assert ("not a segment" if bad == "notes.txt" else "`spinbroker wal inspect` lists it") in err
+    assert directory_state(tmp_path) == before
+    assert not list(tmp_path.glob("repair-*"))
+
+
+async def test_repair_not_newer_changes_nothing_when_another_file_is_a_newer_versions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review h15: a log still refused after the named file's magic was put back (another
+    file is a newer version's) said 'refused, nothing changed', yet the named file had
+    been rewritten behind a backup folder that no line named."""
+    await make_log(tmp_path)
+    older, newest = sorted(tmp_path.glob("wal-*.log"))[-2:]
+    damage_twice(newest)
+    older.write_bytes(as_newer_version(older.read_bytes()))
+    before = directory_state(tmp_path)
+    assert main(["repair", str(tmp_path), "--not-newer", newest.name]) == 1
+    out = capsys.readouterr().out
+    assert f"refused, nothing changed: {older.name}" in out and "--not-newer FILE" in out
+    assert directory_state(tmp_path) == before
+    assert not list(tmp_path.glob("repair-*"))
+
+
+@pytest.mark.parametrize("kind", ["segment", "head"])
+async def test_repair_not_newer_removes_a_temporary_file_left_by_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """Review h15: a `.tmp` left by a crash (while the head or a segment was written) made
+    putting the magic back fail on its exclusive create: 'File exists', exit 1."""
+    await make_log(tmp_path)
+    path = sorted(tmp_path.glob("wal-*.log"))[-1] if kind == "segment" else tmp_path / HEAD_NAME
+    damage_twice(path)
+    (tmp_path / f"{path.name}.tmp").write_bytes(b"half written")
+    assert main(["repair", str(tmp_path), "--not-newer", path.name]) == 0
+    assert "the log opens" in capsys.readouterr().out
+    assert not (tmp_path / f"{path.name}.tmp").exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "repair"])
+def test_a_file_gone_while_read_stops_with_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """Review h15: a segment listed but gone when read (here a dangling symlink) was taken
+    for an unknown `--not-newer` name: exit 2 and no 'stopped'."""
+    (tmp_path / segment_name(1)).symlink_to(tmp_path / "gone")
+    assert main([command, str(tmp_path)]) == 1
+    assert f"spinbroker wal {command}: stopped: " in capsys.readouterr().err

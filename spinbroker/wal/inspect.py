@@ -21,7 +21,7 @@ from spinbroker.wal.frame import BadSegmentHeader, NewerSegment, decode_segment_
 from spinbroker.wal.head import missing_newest, read_head
 from spinbroker.wal.reader import RecordError, iter_records
 from spinbroker.wal.recovery import ScannedSegment, first_problem, scan_directory
-from spinbroker.wal.repair import newer_version, repair
+from spinbroker.wal.repair import UnknownFile, newer_version, repair
 from spinbroker.wal.segment import segment_name
 from spinbroker.wal.snapshot import BadSnapshot, choose_snapshot, list_snapshots, read_snapshot
 
@@ -117,7 +117,11 @@ def _verdict(files: FileLayer, directory: Path, segments: list[ScannedSegment]) 
     """A one-line status, and whether `Wal.open` plus `load` would succeed."""
     newer = newer_version(files, directory, segments)
     if newer is not None:
-        return f"NEWER VERSION: {newer}; not damage: open it with that spinbroker", False
+        return (
+            f"NEWER VERSION: {newer}; not damage: open it with that spinbroker (if none"
+            " wrote it, the header is damaged twice: `wal repair --not-newer FILE`)",
+            False,
+        )
     found = first_problem(segments)
     if found is not None and not found.torn:
         return f"CORRUPT: {found.file.name} offset {found.offset}: {found.detail}; repair", False
@@ -175,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             decode = repr if args.raw else None
             return 0 if inspect(args.directory, sys.stdout, args.records, decode) else 1
         report = repair(args.directory, not_newer=args.not_newer)
-    except FileNotFoundError as exc:  # --not-newer names no file of the log
+    except UnknownFile as exc:  # --not-newer names no file of the log
         print(f"spinbroker wal: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # unreadable (a directory where a file should be, permissions)

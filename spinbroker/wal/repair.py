@@ -11,11 +11,13 @@ a segment that is gone is made to name the newest one left. It returns what it d
 never run implicitly: `Wal.open` refuses corruption, a person runs `spinbroker wal repair
 DATADIR`. Must never touch a log holding a segment, snapshot or head of a newer format
 version: that is no damage but a newer spinbroker's log, and cutting it would lose what
-that version wrote.
+that version wrote; unless a person names the file (`--not-newer`), and then only after
+checking that the log, with those files' magic put back, is not refused still.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from spinbroker.wal.errors import WalCorruption, WalNewerVersion
 from spinbroker.wal.files import (
     FileLayer,
     OsFiles,
+    WalFile,
     rename_durably,
     truncate_durably,
     write_file_durably,
@@ -56,6 +59,10 @@ from spinbroker.wal.snapshot import (
 )
 
 _MAX_ROUNDS = 1000
+
+
+class UnknownFile(ValueError):
+    """`--not-newer` named no segment, snapshot or head of the log (nothing was changed)."""
 
 
 @dataclass(slots=True)
@@ -92,6 +99,10 @@ class RepairReport:
         lines = [f"wal repair of {self.directory}"]
         if self.refused is not None:
             lines.append(f"  refused, nothing changed: {self.refused}")
+            lines.append(
+                "  if no newer spinbroker wrote that file (a header damaged twice reads as a"
+                " newer version's): spinbroker wal repair --not-newer FILE DATADIR"
+            )
             return "\n".join(lines)
         if not self.changed:
             lines.append("  nothing to repair")
@@ -132,14 +143,19 @@ def repair(
     no checksum and reads as a newer version's, which repair must otherwise leave alone.
     Their magic is put back to this version's first, as for a damaged magic alone (the
     originals are kept), and what is still damaged is then repaired as any damage.
-    Raises FileNotFoundError for a name that is not a segment, snapshot or the head there."""
+    Raises UnknownFile for a name that is not a segment, snapshot or the head there.
+    Nothing is changed before every name is found and the log, with those files' magic
+    put back, is known not to be refused as a newer version's."""
     files = files if files is not None else OsFiles()
     report = RepairReport(directory)
-    _assume_this_version(files, directory, not_newer, report)
-    report.refused = newer_version(files, directory, scan_directory(files, directory))
+    assumed = _assumed_this_version(files, directory, not_newer)
+    seen = _Overlay(files, assumed) if assumed else files
+    report.refused = newer_version(seen, directory, scan_directory(seen, directory))
     if report.refused is not None:
         report.remaining = report.refused
         return report
+    for path, fixed in assumed.items():
+        _put_magic_back(files, directory, path, files.read(path), fixed, report)
     _restore_magic(files, directory, report)
     _set_aside_bad_snapshots(files, directory, report)
     for _ in range(_MAX_ROUNDS):
@@ -191,20 +207,27 @@ def _restore_magic(files: FileLayer, directory: Path, report: RepairReport) -> N
     for path, is_segment in paths:
         data = files.read(path)
         if is_segment and frame.damaged_magic_only(data):
-            _put_magic_back(files, directory, path, data, frame.SEGMENT_MAGIC, report)
+            fixed = frame.SEGMENT_MAGIC + data[len(frame.SEGMENT_MAGIC) :]
+            _put_magic_back(files, directory, path, data, fixed, report)
         elif not is_segment and snapshot.damaged_magic_only(data):
-            _put_magic_back(files, directory, path, data, snapshot.MAGIC, report)
+            fixed = snapshot.MAGIC + data[len(snapshot.MAGIC) :]
+            _put_magic_back(files, directory, path, data, fixed, report)
 
 
-def _assume_this_version(
-    files: FileLayer, directory: Path, names: Collection[str], report: RepairReport
-) -> None:
-    """Put this version's magic back into the files a person says no newer spinbroker
-    wrote (see `repair`), keeping the originals."""
+def _assumed_this_version(
+    files: FileLayer, directory: Path, names: Collection[str]
+) -> dict[Path, bytes]:
+    """The files a person says no newer spinbroker wrote (see `repair`), each as it reads
+    with this version's magic put back; those whose magic is this version's already are
+    left out. Reads only: raises UnknownFile for a name that is no file of the log."""
     present = set(files.listdir(directory))
+    assumed: dict[Path, bytes] = {}
     for name in names:
         if name not in present:
-            raise FileNotFoundError(f"{directory / name}: no such file in the log")
+            raise UnknownFile(
+                f"{directory / name}: no such file in the log (give the name as "
+                "`spinbroker wal inspect` lists it)"
+            )
         if parse_segment_name(name) is not None:
             magic = frame.SEGMENT_MAGIC
         elif parse_snapshot_name(name) is not None:
@@ -212,19 +235,66 @@ def _assume_this_version(
         elif name == HEAD_NAME:
             magic = HEAD_MAGIC
         else:
-            raise FileNotFoundError(f"{directory / name}: not a segment, snapshot or head")
+            raise UnknownFile(f"{directory / name}: not a segment, snapshot or head")
         path = directory / name
         data = files.read(path)
         if not data.startswith(magic):
-            _put_magic_back(files, directory, path, data, magic, report)
+            assumed[path] = magic + data[len(magic) :]
+    return assumed
+
+
+class _Overlay:
+    """`files` as it would read with some files' content replaced: what repair checks
+    before it changes anything. Only reading is ever asked of it."""
+
+    def __init__(self, files: FileLayer, content: dict[Path, bytes]) -> None:
+        self._files = files
+        self._content = content
+
+    def read(self, path: Path) -> bytes:
+        found = self._content.get(path)
+        return found if found is not None else self._files.read(path)
+
+    def listdir(self, directory: Path) -> list[str]:
+        return self._files.listdir(directory)
+
+    def create(self, path: Path) -> WalFile:
+        raise _read_only(path)
+
+    def open(self, path: Path) -> WalFile:
+        raise _read_only(path)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        raise _read_only(src)
+
+    def remove(self, path: Path) -> None:
+        raise _read_only(path)
+
+    def sync_dir(self, directory: Path) -> None:
+        raise _read_only(directory)
+
+    def makedirs(self, directory: Path) -> None:
+        raise _read_only(directory)
+
+
+def _read_only(path: Path) -> OSError:
+    return PermissionError(f"{path}: repair's check before any change only reads")
 
 
 def _put_magic_back(
-    files: FileLayer, directory: Path, path: Path, data: bytes, magic: bytes, report: RepairReport
+    files: FileLayer,
+    directory: Path,
+    path: Path,
+    data: bytes,
+    fixed_data: bytes,
+    report: RepairReport,
 ) -> None:
+    """Replace `path` (holding `data`) with `fixed_data`, keeping the original."""
     _keep_copy(files, directory, report, path, data)
     fixed = path.with_name(path.name + TMP_SUFFIX)
-    write_file_durably(files, fixed, magic + data[len(magic) :])
+    with contextlib.suppress(FileNotFoundError):  # left by a crash
+        files.remove(fixed)
+    write_file_durably(files, fixed, fixed_data)
     rename_durably(files, fixed, path)
     report.restored.append(path)
 
