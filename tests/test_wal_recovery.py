@@ -191,6 +191,56 @@ async def test_repair_puts_back_a_damaged_version_byte_instead_of_cutting(
     assert await read_log(tmp_path) == bodies
 
 
+@pytest.mark.parametrize(
+    ("byte", "reason"),
+    [(9, "the first LSN"), (17, "the checksum")],
+)
+async def test_repair_rebuilds_a_damaged_header_from_the_file_name(
+    tmp_path: Path, byte: int, reason: str
+) -> None:
+    """Review h15: a segment header holds only the magic and the first LSN, which the file
+    name gives. Damaged anywhere else than its version bytes alone (two bytes of it, as a
+    segment named by `--not-newer` always is), repair cut the log at its offset 0 and set
+    every later segment aside: all their records, intact, gone from the log. Now the header
+    is written again (original kept), and nothing is dropped."""
+    bodies = [b"%03d" % i * 30 for i in range(30)]
+    await write_log(tmp_path, bodies, segment_size=512, preallocate=False)
+    segments = sorted(p for p in tmp_path.iterdir() if p.suffix == ".log")
+    assert len(segments) >= 3
+    middle = segments[1]
+    original = middle.read_bytes()
+    damaged = bytearray(original)
+    damaged[byte] ^= 0x10
+    middle.write_bytes(bytes(damaged))
+    with pytest.raises(WalCorruption):
+        Wal.open(tmp_path)
+    report = repair(tmp_path)
+    assert report.rebuilt == [middle], reason
+    assert not report.moved and not report.truncated and report.dropped is None
+    assert report.remaining is None and middle.read_bytes() == original
+    assert report.backup is not None and (report.backup / middle.name).read_bytes() == damaged
+    assert "rebuilt the header of" in report.describe()
+    assert await read_log(tmp_path) == bodies
+
+
+async def test_a_damaged_header_before_damaged_records_is_cut_as_before(
+    tmp_path: Path,
+) -> None:
+    """The header is only rebuilt when the records after it check: with the first record
+    damaged as well, the segment is cut at its start, as any damage."""
+    bodies = [b"%03d" % i * 30 for i in range(30)]
+    await write_log(tmp_path, bodies, segment_size=512, preallocate=False)
+    segments = sorted(p for p in tmp_path.iterdir() if p.suffix == ".log")
+    middle = segments[1]
+    damaged = bytearray(middle.read_bytes())
+    damaged[9] ^= 0x10
+    damaged[SEGMENT_HEADER_SIZE + 2] ^= 0x10
+    middle.write_bytes(bytes(damaged))
+    report = repair(tmp_path)
+    assert not report.rebuilt and middle in report.moved
+    assert report.remaining is None and report.dropped is not None
+
+
 async def test_corruption_in_the_newest_segment_is_not_a_torn_tail(tmp_path: Path) -> None:
     bodies = [b"alpha" * 10, b"beta" * 10, b"gamma" * 10]
     await write_log(tmp_path, bodies, preallocate=False)

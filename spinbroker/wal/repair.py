@@ -5,9 +5,11 @@ changes into a new `repair-<time>/` directory inside the log directory, and then
 drops the damaged segment (when a valid snapshot already covers all its records) or
 truncates it at the damaged offset and moves the later segments into the backup (if a
 snapshot is then past the end of the cut log, it holds more state than the log: the log's
-remaining segments go aside instead, and the log restarts after the snapshot). Invalid
-snapshots are moved into the backup too, and a log head (head.py) that is damaged or names
-a segment that is gone is made to name the newest one left. It returns what it did. Must
+remaining segments go aside instead, and the log restarts after the snapshot). A damaged
+segment header is written again from the file name instead when the records after it
+check (a header holds nothing else). Invalid snapshots are moved into the backup too,
+and a log head (head.py) that is damaged or names a segment that is gone is made to name
+the newest one left. It returns what it did. Must
 never run implicitly: `Wal.open` refuses corruption, a person runs `spinbroker wal repair
 DATADIR`. Must never touch a log holding a segment, snapshot or head of a newer format
 version: that is no damage but a newer spinbroker's log, and cutting it would lose what
@@ -42,7 +44,13 @@ from spinbroker.wal.head import (
 )
 from spinbroker.wal.head import MAGIC as HEAD_MAGIC
 from spinbroker.wal.reader import frames_after
-from spinbroker.wal.recovery import Problem, ScannedSegment, first_problem, scan_directory
+from spinbroker.wal.recovery import (
+    Problem,
+    ScannedSegment,
+    check_segment,
+    first_problem,
+    scan_directory,
+)
 from spinbroker.wal.segment import (
     TMP_SUFFIX,
     SegmentList,
@@ -78,6 +86,8 @@ class RepairReport:
     moved: list[Path] = field(default_factory=list)
     #: Files whose damaged magic was put back (their originals are in the backup).
     restored: list[Path] = field(default_factory=list)
+    #: Segments whose damaged header was written again from the file name (originals kept).
+    rebuilt: list[Path] = field(default_factory=list)
     #: The log head was rewritten (it was damaged or named a segment that is gone), to name
     #: the segment starting at `head_lsn`, or removed when none is left (`head_lsn` None).
     head_fixed: bool = False
@@ -93,7 +103,9 @@ class RepairReport:
 
     @property
     def changed(self) -> bool:
-        return bool(self.truncated or self.moved or self.restored or self.head_fixed)
+        return bool(
+            self.truncated or self.moved or self.restored or self.rebuilt or self.head_fixed
+        )
 
     def describe(self) -> str:
         lines = [f"wal repair of {self.directory}"]
@@ -110,6 +122,11 @@ class RepairReport:
             lines.append(f"  found: {problem.file.name} offset {problem.offset}: {problem.detail}")
         for path in self.restored:
             lines.append(f"  restored the header magic of {path.name} (original kept)")
+        for path in self.rebuilt:
+            lines.append(
+                f"  rebuilt the header of {path.name} from its name: its records check"
+                " (original kept)"
+            )
         for path, offset in self.truncated:
             lines.append(f"  truncated {path.name} at offset {offset} (original kept)")
         for path in self.moved:
@@ -164,6 +181,8 @@ def repair(
         if problem is None:
             break
         report.problems.append(problem)
+        if _rebuild_header(files, directory, segments[problem.index], report):
+            continue
         if not _drop_covered(files, directory, segments, problem, report):
             _truncate(files, directory, segments, problem, report)
     restarted = _restart_after_snapshot(files, directory, scan_directory(files, directory), report)
@@ -212,6 +231,27 @@ def _restore_magic(files: FileLayer, directory: Path, report: RepairReport) -> N
         elif not is_segment and snapshot.damaged_magic_only(data):
             fixed = snapshot.MAGIC + data[len(snapshot.MAGIC) :]
             _put_magic_back(files, directory, path, data, fixed, report)
+
+
+def _rebuild_header(
+    files: FileLayer, directory: Path, segment: ScannedSegment, report: RepairReport
+) -> bool:
+    """A segment whose header is damaged (as one named by `--not-newer` always is: its
+    damage lies in the checked bytes) but whose records are intact: a header holds nothing
+    but this version's magic and the first LSN, which the file name gives, so write it
+    again (keeping the original) rather than cut the segment, and every later one, at
+    offset 0. Only if the records after it then check from that LSN on. Whether it did."""
+    damage = segment.scan.damage
+    name_lsn = parse_segment_name(segment.path.name)
+    if damage is None or damage.offset != 0 or damage.newer or name_lsn is None:
+        return False
+    data = files.read(segment.path)
+    fixed = frame.encode_segment_header(name_lsn) + data[frame.SEGMENT_HEADER_SIZE :]
+    if fixed == data or check_segment(name_lsn, fixed).records == 0:
+        return False
+    _replace(files, directory, segment.path, data, fixed, report)
+    report.rebuilt.append(segment.path)
+    return True
 
 
 def _assumed_this_version(
@@ -286,17 +326,23 @@ def _put_magic_back(
     directory: Path,
     path: Path,
     data: bytes,
-    fixed_data: bytes,
+    fixed: bytes,
     report: RepairReport,
 ) -> None:
-    """Replace `path` (holding `data`) with `fixed_data`, keeping the original."""
-    _keep_copy(files, directory, report, path, data)
-    fixed = path.with_name(path.name + TMP_SUFFIX)
-    with contextlib.suppress(FileNotFoundError):  # left by a crash
-        files.remove(fixed)
-    write_file_durably(files, fixed, fixed_data)
-    rename_durably(files, fixed, path)
+    _replace(files, directory, path, data, fixed, report)
     report.restored.append(path)
+
+
+def _replace(
+    files: FileLayer, directory: Path, path: Path, data: bytes, fixed: bytes, report: RepairReport
+) -> None:
+    """Replace `path` (holding `data`) with `fixed`, durably, keeping the original."""
+    _keep_copy(files, directory, report, path, data)
+    temporary = path.with_name(path.name + TMP_SUFFIX)
+    with contextlib.suppress(FileNotFoundError):  # left by a crash
+        files.remove(temporary)
+    write_file_durably(files, temporary, fixed)
+    rename_durably(files, temporary, path)
 
 
 def _backup(files: FileLayer, directory: Path, report: RepairReport) -> Path:
