@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import gc
 import logging
 import os
@@ -47,6 +46,7 @@ from .ids import IdGenerator
 from .persist import RecoveryReport, Snapshotter
 from .readiness import ReadyLsns
 from .wal import FileLayer, Wal, WalCorruption, WalError, WalNewerVersion, WalWriteError
+from .wal.files import lock_directory
 
 log = logging.getLogger("spinbroker.server")
 
@@ -534,13 +534,7 @@ class Server:
             self._lock_fd = None
 
     def _lock_data_dir(self, data_dir: Path) -> None:
-        fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RuntimeError(f"data dir {data_dir} is in use by another broker") from None
-        self._lock_fd = fd
+        self._lock_fd = lock_directory(data_dir)
         # Forked helpers (log checks, snapshots) close their copy first (detach_forked_child).
 
     async def _listen_unix(self, path: Path) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import msgpack
 import pytest
 
 from spinbroker.wal import Wal
+from spinbroker.wal.files import lock_directory
 from spinbroker.wal.head import HEAD_NAME
 from spinbroker.wal.inspect import decode_msgpack, inspect, main
 from spinbroker.wal.repair import repair
@@ -16,6 +18,16 @@ from spinbroker.wal.segment import segment_name
 from spinbroker.wal.snapshot import snapshot_name
 
 from .conftest import as_newer_version
+
+
+def directory_state(directory: Path) -> dict[str, bytes]:
+    """The files of a data dir and their content; not the empty `lock` file, which repair
+    creates as a broker would (it is not part of the log)."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != "lock"
+    }
 
 
 async def make_log(directory: Path) -> None:
@@ -70,7 +82,7 @@ async def test_inspect_and_repair_name_a_newer_versions_file(
     else:
         path = tmp_path / snapshot_name(5)
     path.write_bytes(as_newer_version(path.read_bytes()))
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    before = directory_state(tmp_path)
 
     assert main(["inspect", str(tmp_path), "--records"]) == 1
     out = capsys.readouterr().out
@@ -81,7 +93,7 @@ async def test_inspect_and_repair_name_a_newer_versions_file(
     assert main(["repair", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert f"refused, nothing changed: {path.name}: {kind} " in out
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert directory_state(tmp_path) == before
 
 
 def test_decode_falls_back_to_bytes() -> None:
@@ -191,10 +203,6 @@ def damage_twice(path: Path) -> bytes:
     return bytes(data)
 
 
-def directory_state(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
-
-
 @pytest.mark.parametrize("second", ["nosuch.log", "notes.txt", "./{name}"])
 async def test_repair_not_newer_checks_every_name_before_it_changes_anything(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], second: str
@@ -256,3 +264,31 @@ def test_a_file_gone_while_read_stops_with_exit_1(
     (tmp_path / segment_name(1)).symlink_to(tmp_path / "gone")
     assert main([command, str(tmp_path)]) == 1
     assert f"spinbroker wal {command}: stopped: " in capsys.readouterr().err
+
+
+async def test_repair_refuses_a_data_dir_a_running_broker_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review h15: repair took no lock, so beside a live broker it read a segment being
+    written and rewrote wal.head behind it. It now takes the broker's data dir lock (the
+    one `spinbroker serve` holds, server.py) and refuses, changing nothing, while another
+    process holds it; inspect, which only reads, still runs and says a broker is running."""
+    await make_log(tmp_path)
+    head = tmp_path / HEAD_NAME
+    head.write_bytes(head.read_bytes()[:-1] + b"\x00")  # damage: repair would rewrite it
+    held = lock_directory(tmp_path)  # as a running broker holds it
+    assert held is not None
+    try:
+        before = directory_state(tmp_path)
+        assert main(["repair", str(tmp_path)]) == 1
+        err = capsys.readouterr().err
+        assert "refused, nothing changed" in err and "in use by another broker" in err
+        assert directory_state(tmp_path) == before and not list(tmp_path.glob("repair-*"))
+        assert main(["inspect", str(tmp_path)]) == 1  # the damaged head
+        assert "a broker is running on" in capsys.readouterr().err
+    finally:
+        os.close(held)
+    assert main(["repair", str(tmp_path)]) == 0
+    assert "the log opens" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "a broker is running" not in capsys.readouterr().err

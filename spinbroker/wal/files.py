@@ -10,6 +10,7 @@ swallow an OSError: deciding what a failure means is the caller's job.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -138,6 +139,37 @@ class OsFiles:
         for new in reversed(missing):
             new.mkdir(exist_ok=True)
             self.sync_dir(new.parent)
+
+
+#: The file in a data dir that a broker holds locked (flock) while it runs.
+LOCK_NAME = "lock"
+
+
+class DirectoryInUse(RuntimeError):
+    """Another process (a running broker, a `wal repair`) holds the data dir's lock."""
+
+
+def lock_directory(directory: Path, *, create: bool = True) -> int | None:
+    """Take the data dir's lock (an exclusive flock on its `lock` file, which the kernel
+    drops when the holder dies) and return its descriptor; closing it lets go. Raises
+    DirectoryInUse if another process holds it. Without `create`, a dir with no lock file
+    (no broker ever ran on it) is left as it is and None returned."""
+    flags = os.O_RDWR | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(directory / LOCK_NAME, flags, 0o600)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DirectoryInUse(f"data dir {directory} is in use by another broker") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def write_file_durably(files: FileLayer, path: Path, data: bytes, sync_every: int = 0) -> None:

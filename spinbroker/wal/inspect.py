@@ -8,6 +8,7 @@ CLI delegates to. Read-only except for `repair`: must never change a file while 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import TextIO
 import msgpack
 
 from spinbroker.wal.errors import WalCorruption, WalNewerVersion
-from spinbroker.wal.files import FileLayer, OsFiles
+from spinbroker.wal.files import DirectoryInUse, FileLayer, OsFiles, lock_directory
 from spinbroker.wal.frame import BadSegmentHeader, NewerSegment, decode_segment_header
 from spinbroker.wal.head import missing_newest, read_head
 from spinbroker.wal.reader import RecordError, iter_records
@@ -174,19 +175,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.directory.is_dir():
         print(f"spinbroker wal: {args.directory} is not a directory", file=sys.stderr)
         return 2
+    lock: int | None = None
     try:
         if args.command == "inspect":
+            _warn_if_in_use(args.directory)
             decode = repr if args.raw else None
             return 0 if inspect(args.directory, sys.stdout, args.records, decode) else 1
+        # Held while repair runs: no broker may write the log meanwhile, nor start on it.
+        lock = lock_directory(args.directory)
         report = repair(args.directory, not_newer=args.not_newer)
+    except DirectoryInUse as exc:
+        print(
+            f"spinbroker wal repair: refused, nothing changed: {exc}; stop it first",
+            file=sys.stderr,
+        )
+        return 1
     except UnknownFile as exc:  # --not-newer names no file of the log
         print(f"spinbroker wal: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # unreadable (a directory where a file should be, permissions)
         print(f"spinbroker wal {args.command}: stopped: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if lock is not None:
+            os.close(lock)
     print(report.describe())
     return 0 if report.remaining is None else 1
+
+
+def _warn_if_in_use(directory: Path) -> None:
+    """Inspect only reads, so it runs beside a broker; but then the newest segment may be
+    mid-write (a torn tail that is none) and files may come and go: say so."""
+    try:
+        fd = lock_directory(directory, create=False)
+    except DirectoryInUse:
+        print(
+            f"spinbroker wal inspect: a broker is running on {directory}: the newest segment"
+            " may be mid-write, and files may change while they are read",
+            file=sys.stderr,
+        )
+        return
+    if fd is not None:
+        os.close(fd)
 
 
 if __name__ == "__main__":
