@@ -207,6 +207,44 @@ async def test_repair_puts_back_a_snapshots_damaged_version_byte() -> None:
     await wal.close()
 
 
+@pytest.mark.parametrize(
+    ("offset", "field"), [(9, "lsn"), (17, "length"), (29, "header checksum"), (40, "body")]
+)
+async def test_repair_rebuilds_a_damaged_snapshot_header_whose_body_checks(
+    offset: int, field: str
+) -> None:
+    """Review h15: the only snapshot (keep_snapshots=1, the segments it covers deleted)
+    damaged in its header was set aside, leaving a log that could not load: a dead end,
+    though the body was intact. Its header is now written again from the file name, the
+    body's length and the body checksum it stored, when that checksum fits the body. A
+    damaged body (or body checksum) is not known good: set aside as before."""
+    fs = MemoryFiles()
+    wal = open_wal(fs, keep_snapshots=1)
+    await fill(wal, 60)
+    await wal.write_snapshot(50, b"state at 50" * 20)
+    await wal.close()
+    path = D / snapshot_name(50)
+    data = fs.read(path)
+    damaged = bytearray(data)
+    damaged[offset] ^= 0x20
+    fs.corrupt(path, bytes(damaged))
+    with pytest.raises(WalCorruption):
+        open_wal(fs, keep_snapshots=1).load()
+    report = repair(D, fs)
+    if field == "body":
+        assert report.moved == [path] and not report.rebuilt
+        return
+    assert report.rebuilt == [path] and not report.moved and report.remaining is None
+    assert fs.read(path) == data
+    wal = open_wal(fs, keep_snapshots=1)
+    snapshot, records = wal.load()
+    assert (
+        snapshot is not None and snapshot.lsn == 50 and bytes(snapshot.body) == b"state at 50" * 20
+    )
+    assert [lsn for lsn, _ in records] == list(range(51, 61))
+    await wal.close()
+
+
 async def test_snapshot_written_by_hand_ahead_of_the_log_is_refused() -> None:
     fs = MemoryFiles()
     wal = open_wal(fs)

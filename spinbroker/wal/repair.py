@@ -6,15 +6,15 @@ drops the damaged segment (when a valid snapshot already covers all its records)
 truncates it at the damaged offset and moves the later segments into the backup (if a
 snapshot is then past the end of the cut log, it holds more state than the log: the log's
 remaining segments go aside instead, and the log restarts after the snapshot). A damaged
-segment header is written again from the file name instead when the records after it
-check (a header holds nothing else). Invalid snapshots are moved into the backup too,
-and a log head (head.py) that is damaged or names a segment that is gone is made to name
-the newest one left. It returns what it did. Must
-never run implicitly: `Wal.open` refuses corruption, a person runs `spinbroker wal repair
-DATADIR`. Must never touch a log holding a segment, snapshot or head of a newer format
-version: that is no damage but a newer spinbroker's log, and cutting it would lose what
-that version wrote; unless a person names the file (`--not-newer`), and then only after
-checking that the log, with those files' magic put back, is not refused still.
+segment or snapshot header is written again from the file name instead when what follows
+it checks (a segment header holds nothing else; a snapshot's body checksum must fit).
+Invalid snapshots are moved into the backup too, and a log head (head.py) that is damaged
+or names a segment that is gone is made to name the newest one left. It returns what it
+did. Must never run implicitly: `Wal.open` refuses corruption, a person runs `spinbroker
+wal repair DATADIR`. Must never touch a log holding a segment, snapshot or head of a newer
+format version: that is no damage but a newer spinbroker's log, and cutting it would lose
+what that version wrote; unless a person names the file (`--not-newer`), and then only
+after checking that the log, with those files' magic put back, is not refused still.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ class RepairReport:
     moved: list[Path] = field(default_factory=list)
     #: Files whose damaged magic was put back (their originals are in the backup).
     restored: list[Path] = field(default_factory=list)
-    #: Segments whose damaged header was written again from the file name (originals kept).
+    #: Segments and snapshots whose damaged header was written again from the file name
+    #: (what follows it checks; the originals are kept).
     rebuilt: list[Path] = field(default_factory=list)
     #: The log head was rewritten (it was damaged or named a segment that is gone), to name
     #: the segment starting at `head_lsn`, or removed when none is left (`head_lsn` None).
@@ -124,7 +125,7 @@ class RepairReport:
             lines.append(f"  restored the header magic of {path.name} (original kept)")
         for path in self.rebuilt:
             lines.append(
-                f"  rebuilt the header of {path.name} from its name: its records check"
+                f"  rebuilt the header of {path.name} from its name: what follows it checks"
                 " (original kept)"
             )
         for path, offset in self.truncated:
@@ -392,7 +393,13 @@ def _set_aside_bad_snapshots(files: FileLayer, directory: Path, report: RepairRe
             read_snapshot(files, lsn, path)
         except BadSnapshot as exc:
             report.problems.append(Problem(-1, path, exc.offset, exc.detail, False, 0))
-            _move(files, directory, path, report)
+            data = files.read(path)
+            fixed = snapshot.rebuilt_header(data, lsn)
+            if fixed is not None and fixed != data:  # the header alone is damaged
+                _replace(files, directory, path, data, fixed, report)
+                report.rebuilt.append(path)
+            else:
+                _move(files, directory, path, report)
         except WalNewerVersion:
             continue  # no damage; behind a valid snapshot (newer_version), never read
 

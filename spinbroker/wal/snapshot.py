@@ -124,6 +124,21 @@ def decode_snapshot(data: bytes, expected_lsn: int) -> memoryview:
     return body
 
 
+def rebuilt_header(data: bytes, lsn: int) -> bytes | None:
+    """`data`, a snapshot file of `lsn` (its name's) whose header is damaged, with the
+    header written again: this version's magic, `lsn`, the body's length, and the body
+    checksum the header stored, if that checksum fits the body (then the body is intact,
+    whatever else of the header was hit). None if it does not: the body is not known good."""
+    if len(data) < HEADER_SIZE:
+        return None
+    body_crc = _HEAD.unpack_from(data)[3]
+    body = memoryview(data)[HEADER_SIZE:]
+    if crc32c(body) != body_crc:
+        return None
+    head = _HEAD.pack(MAGIC, lsn, len(body), body_crc)
+    return head + _HEAD_CRC.pack(crc32c(head)) + data[HEADER_SIZE:]
+
+
 def damaged_magic_only(data: bytes) -> bool:
     """A header of this version whose magic (its version byte, say) was damaged: its
     checksum fits this version's magic, which a newer writer's checksum of its own magic
