@@ -32,6 +32,15 @@ async def read_log(directory: Path, **options: object) -> list[bytes]:
     return bodies
 
 
+async def small_log(directory: Path, preallocate: bool = False) -> tuple[list[bytes], list[Path]]:
+    """A log of 30 records over at least 3 small segments: its records and segments."""
+    bodies = [b"%03d" % i * 30 for i in range(30)]
+    await write_log(directory, bodies, segment_size=512, preallocate=preallocate)
+    segments = sorted(p for p in directory.iterdir() if p.suffix == ".log")
+    assert len(segments) >= 3
+    return bodies, segments
+
+
 def record_offsets(first_lsn: int, bodies: list[bytes]) -> list[int]:
     offsets, offset = [], SEGMENT_HEADER_SIZE
     for i, body in enumerate(bodies):
@@ -101,10 +110,7 @@ async def test_unwritten_sectors_of_a_preallocated_tail_are_torn(tmp_path: Path)
 
 
 async def test_flipped_bit_in_the_middle_is_refused_then_repaired(tmp_path: Path) -> None:
-    bodies = [b"%03d" % i * 30 for i in range(30)]
-    await write_log(tmp_path, bodies, segment_size=512, preallocate=False)
-    segments = sorted(p for p in tmp_path.iterdir() if p.suffix == ".log")
-    assert len(segments) >= 3
+    bodies, segments = await small_log(tmp_path)
     middle = segments[1]
     first_lsn = int(middle.name[4:20], 16)
     in_middle = [b for i, b in enumerate(bodies, 1) if first_lsn <= i < first_lsn + 4][:2]
@@ -143,10 +149,7 @@ async def test_a_segment_of_a_newer_version_is_refused_and_never_cut(tmp_path: P
     and what would be a torn tail after it, and changes nothing (a leftover temp file
     included); nor does repair (once it was corruption, and repair cut the log there: all of
     the newer version's records)."""
-    bodies = [b"%03d" % i * 30 for i in range(30)]
-    await write_log(tmp_path, bodies, segment_size=512, preallocate=False)
-    segments = sorted(p for p in tmp_path.iterdir() if p.suffix == ".log")
-    assert len(segments) >= 3
+    _, segments = await small_log(tmp_path)
     newest, older = segments[-1], segments[1]
     newest.write_bytes(as_newer_version(newest.read_bytes()) + b"torn?")
     data = bytearray(older.read_bytes())
@@ -173,10 +176,7 @@ async def test_repair_puts_back_a_damaged_version_byte_instead_of_cutting(
     fits version 1), not a newer spinbroker's segment; its records are intact, so repair
     puts the magic back, keeping the original, and cuts nothing (once it moved the
     segment and every later one aside: all their records)."""
-    bodies = [b"%03d" % i * 30 for i in range(30)]
-    await write_log(tmp_path, bodies, segment_size=512, preallocate=False)
-    segments = sorted(p for p in tmp_path.iterdir() if p.suffix == ".log")
-    assert len(segments) >= 3
+    bodies, segments = await small_log(tmp_path)
     middle = segments[1]
     original = middle.read_bytes()
     middle.write_bytes(original[:7] + bytes([original[7] ^ 0x04]) + original[8:])
@@ -203,10 +203,7 @@ async def test_repair_rebuilds_a_damaged_header_from_the_file_name(
     segment named by `--not-newer` always is), repair cut the log at its offset 0 and set
     every later segment aside: all their records, intact, gone from the log. Now the header
     is written again (original kept), and nothing is dropped."""
-    bodies = [b"%03d" % i * 30 for i in range(30)]
-    await write_log(tmp_path, bodies, segment_size=512, preallocate=False)
-    segments = sorted(p for p in tmp_path.iterdir() if p.suffix == ".log")
-    assert len(segments) >= 3
+    bodies, segments = await small_log(tmp_path)
     middle = segments[1]
     original = middle.read_bytes()
     damaged = bytearray(original)
@@ -228,9 +225,7 @@ async def test_a_damaged_header_before_damaged_records_is_cut_as_before(
 ) -> None:
     """The header is only rebuilt when the records after it check: with the first record
     damaged as well, the segment is cut at its start, as any damage."""
-    bodies = [b"%03d" % i * 30 for i in range(30)]
-    await write_log(tmp_path, bodies, segment_size=512, preallocate=False)
-    segments = sorted(p for p in tmp_path.iterdir() if p.suffix == ".log")
+    _, segments = await small_log(tmp_path)
     middle = segments[1]
     damaged = bytearray(middle.read_bytes())
     damaged[9] ^= 0x10
@@ -258,9 +253,7 @@ async def test_corruption_in_the_newest_segment_is_not_a_torn_tail(tmp_path: Pat
 
 
 async def test_missing_segment_is_corruption(tmp_path: Path) -> None:
-    bodies = [b"%03d" % i * 30 for i in range(30)]
-    await write_log(tmp_path, bodies, segment_size=512)
-    segments = sorted(p for p in tmp_path.iterdir() if p.suffix == ".log")
+    _, segments = await small_log(tmp_path, preallocate=True)
     segments[1].unlink()
     with pytest.raises(WalCorruption) as refused:
         Wal.open(tmp_path)
