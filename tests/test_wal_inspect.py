@@ -289,3 +289,18 @@ async def test_repair_refuses_a_data_dir_a_running_broker_holds(
     assert "the log opens" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path)]) == 0
     assert "a broker is running" not in capsys.readouterr().err
+
+
+async def test_inspect_reads_a_data_dir_whose_lock_file_it_may_not_open(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inspect only reads: a lock file it may not open (another user's broker) does not
+    stop it, it only cannot tell whether a broker is running."""
+    await make_log(tmp_path)
+
+    def refused(directory: Path, *, create: bool = True) -> int | None:
+        raise PermissionError(13, "Permission denied", str(directory / "lock"))
+
+    monkeypatch.setattr("spinbroker.wal.inspect.lock_directory", refused)
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "stopped" not in capsys.readouterr().err

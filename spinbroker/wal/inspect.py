@@ -208,6 +208,8 @@ def _warn_if_in_use(directory: Path) -> None:
     mid-write (a torn tail that is none) and files may come and go: say so."""
     try:
         fd = lock_directory(directory, create=False)
+    except OSError:  # a lock file this user may not open: inspect reads all the same
+        return
     except DirectoryInUse:
         print(
             f"spinbroker wal inspect: a broker is running on {directory}: the newest segment"
