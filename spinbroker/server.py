@@ -479,7 +479,8 @@ class Server:
         self.loop = asyncio.get_running_loop()
         data_dir = self.config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_data_dir(data_dir)
+        # Forked helpers (log checks, snapshots) close their copy first (detach_forked_child).
+        self._lock_fd = lock_directory(data_dir)
         self.max_connections = fit_connections(self.config.limits.max_connections)
         try:
             await self._recover(data_dir)
@@ -532,10 +533,6 @@ class Server:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-    def _lock_data_dir(self, data_dir: Path) -> None:
-        self._lock_fd = lock_directory(data_dir)
-        # Forked helpers (log checks, snapshots) close their copy first (detach_forked_child).
 
     async def _listen_unix(self, path: Path) -> None:
         _claim_socket_path(path)

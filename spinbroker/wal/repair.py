@@ -167,13 +167,13 @@ def repair(
     files = files if files is not None else OsFiles()
     report = RepairReport(directory)
     assumed = _assumed_this_version(files, directory, not_newer)
-    seen = _Overlay(files, assumed) if assumed else files
+    seen = _Overlay(files, {path: _with_magic(*found) for path, found in assumed.items()})
     report.refused = newer_version(seen, directory, scan_directory(seen, directory))
     if report.refused is not None:
         report.remaining = report.refused
         return report
-    for path, fixed in assumed.items():
-        _put_magic_back(files, directory, path, files.read(path), fixed, report)
+    for path, (data, magic) in assumed.items():
+        _put_magic_back(files, directory, path, data, magic, report)
     _restore_magic(files, directory, report)
     _set_aside_bad_snapshots(files, directory, report)
     for _ in range(_MAX_ROUNDS):
@@ -227,11 +227,12 @@ def _restore_magic(files: FileLayer, directory: Path, report: RepairReport) -> N
     for path, is_segment in paths:
         data = files.read(path)
         if is_segment and frame.damaged_magic_only(data):
-            fixed = frame.SEGMENT_MAGIC + data[len(frame.SEGMENT_MAGIC) :]
-            _put_magic_back(files, directory, path, data, fixed, report)
+            magic = frame.SEGMENT_MAGIC
         elif not is_segment and snapshot.damaged_magic_only(data):
-            fixed = snapshot.MAGIC + data[len(snapshot.MAGIC) :]
-            _put_magic_back(files, directory, path, data, fixed, report)
+            magic = snapshot.MAGIC
+        else:
+            continue
+        _put_magic_back(files, directory, path, data, magic, report)
 
 
 def _rebuild_header(
@@ -257,12 +258,13 @@ def _rebuild_header(
 
 def _assumed_this_version(
     files: FileLayer, directory: Path, names: Collection[str]
-) -> dict[Path, bytes]:
-    """The files a person says no newer spinbroker wrote (see `repair`), each as it reads
-    with this version's magic put back; those whose magic is this version's already are
-    left out. Reads only: raises UnknownFile for a name that is no file of the log."""
+) -> dict[Path, tuple[bytes, bytes]]:
+    """The files a person says no newer spinbroker wrote (see `repair`): for each, its
+    content and the magic of this version's file of its kind; those that hold that magic
+    already are left out. Reads only: raises UnknownFile for a name that is no file of the
+    log."""
     present = set(files.listdir(directory))
-    assumed: dict[Path, bytes] = {}
+    assumed: dict[Path, tuple[bytes, bytes]] = {}
     for name in names:
         if name not in present:
             raise UnknownFile(
@@ -280,7 +282,7 @@ def _assumed_this_version(
         path = directory / name
         data = files.read(path)
         if not data.startswith(magic):
-            assumed[path] = magic + data[len(magic) :]
+            assumed[path] = (data, magic)
     return assumed
 
 
@@ -323,15 +325,14 @@ def _read_only(path: Path) -> OSError:
 
 
 def _put_magic_back(
-    files: FileLayer,
-    directory: Path,
-    path: Path,
-    data: bytes,
-    fixed: bytes,
-    report: RepairReport,
+    files: FileLayer, directory: Path, path: Path, data: bytes, magic: bytes, report: RepairReport
 ) -> None:
-    _replace(files, directory, path, data, fixed, report)
+    _replace(files, directory, path, data, _with_magic(data, magic), report)
     report.restored.append(path)
+
+
+def _with_magic(data: bytes, magic: bytes) -> bytes:
+    return magic + data[len(magic) :]
 
 
 def _replace(

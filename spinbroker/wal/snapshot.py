@@ -90,8 +90,12 @@ def parse_snapshot_name(name: str) -> int | None:
 
 
 def encode_snapshot(lsn: int, body: bytes) -> bytes:
-    head = _HEAD.pack(MAGIC, lsn, len(body), crc32c(body))
-    return head + _HEAD_CRC.pack(crc32c(head)) + body
+    return _header(lsn, len(body), crc32c(body)) + body
+
+
+def _header(lsn: int, length: int, body_crc: int) -> bytes:
+    head = _HEAD.pack(MAGIC, lsn, length, body_crc)
+    return head + _HEAD_CRC.pack(crc32c(head))
 
 
 def decode_snapshot(data: bytes, expected_lsn: int) -> memoryview:
@@ -135,8 +139,7 @@ def rebuilt_header(data: bytes, lsn: int) -> bytes | None:
     body = memoryview(data)[HEADER_SIZE:]
     if crc32c(body) != body_crc:
         return None
-    head = _HEAD.pack(MAGIC, lsn, len(body), body_crc)
-    return head + _HEAD_CRC.pack(crc32c(head)) + data[HEADER_SIZE:]
+    return _header(lsn, len(body), body_crc) + data[HEADER_SIZE:]
 
 
 def damaged_magic_only(data: bytes) -> bool:
