@@ -10,7 +10,7 @@ import msgpack
 import pytest
 
 from spinbroker.wal import Wal
-from spinbroker.wal.files import lock_directory
+from spinbroker.wal.files import LOCK_NAME, lock_directory
 from spinbroker.wal.head import HEAD_NAME
 from spinbroker.wal.inspect import decode_msgpack, inspect, main
 from spinbroker.wal.repair import repair
@@ -20,13 +20,23 @@ from spinbroker.wal.snapshot import snapshot_name
 from .conftest import as_newer_version
 
 
+def damage_twice(path: Path) -> bytes:
+    """Damage `path`'s header in its version and in the byte after: it reads as a newer
+    version's. Returns the damaged content."""
+    data = bytearray(path.read_bytes())
+    data[7] = 2  # the version (the low byte of a segment's u16) ...
+    data[9] ^= 0x01  # ... and the LSN after it: no checksum fits any more
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
 def directory_state(directory: Path) -> dict[str, bytes]:
     """The files of a data dir and their content; not the empty `lock` file, which repair
     creates as a broker would (it is not part of the log)."""
     return {
         p.name: p.read_bytes()
         for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != "lock"
+        if p.is_file() and p.name != LOCK_NAME
     }
 
 
@@ -133,10 +143,7 @@ async def test_repair_not_newer_takes_a_header_damaged_twice_for_damage(
         "snapshot": tmp_path / snapshot_name(5),
         "head": tmp_path / HEAD_NAME,
     }[kind]
-    data = bytearray(path.read_bytes())
-    data[7] = 2  # the version (the low byte of a segment's u16) ...
-    data[9] ^= 0x01  # ... and the LSN after it: no checksum fits any more
-    path.write_bytes(bytes(data))
+    data = damage_twice(path)
     assert main(["repair", str(tmp_path)]) == 1
     assert "refused, nothing changed" in capsys.readouterr().out
 
@@ -144,7 +151,7 @@ async def test_repair_not_newer_takes_a_header_damaged_twice_for_damage(
     out = capsys.readouterr().out
     assert "refused" not in out and f"restored the header magic of {path.name}" in out
     backups = list(tmp_path.glob("repair-*"))
-    assert len(backups) == 1 and (backups[0] / path.name).read_bytes() == bytes(data)
+    assert len(backups) == 1 and (backups[0] / path.name).read_bytes() == data
     assert code == 0 and "the log opens" in out
     if kind != "head":  # its header rebuilt from its name: nothing lost (review h15)
         assert f"rebuilt the header of {path.name}" in out and "dropped" not in out
@@ -188,16 +195,6 @@ def test_an_unreadable_file_stops_with_a_message_not_a_traceback(
     assert f"spinbroker wal {command}: stopped: " in err and "Is a directory" in err
     extra = ["--not-newer", segment_name(1)] if command == "repair" else []
     assert main([command, str(tmp_path), *extra]) == 1
-
-
-def damage_twice(path: Path) -> bytes:
-    """Damage `path`'s header in its version and in the byte after: it reads as a newer
-    version's. Returns the damaged content."""
-    data = bytearray(path.read_bytes())
-    data[7] = 2
-    data[9] ^= 0x01
-    path.write_bytes(bytes(data))
-    return bytes(data)
 
 
 @pytest.mark.parametrize("second", ["nosuch.log", "notes.txt", "./{name}"])
